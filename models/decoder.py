@@ -1,0 +1,274 @@
+"""A Flax NNX decoder for the Llama family: Llama/SmolLM2, Qwen2, Qwen3, SmolLM3.
+
+Layers are stacked (every parameter has a leading `layers` axis) and run with one
+`jax.lax.scan`, which compiles once per layer body instead of once per layer. The KV
+cache and an optional memory state are explicit inputs and outputs; the model holds no
+mutable state besides its parameters.
+
+Attention modules share one protocol so that δ-mem can wrap the frozen attention:
+`attn(x, positions, valid, cache, memory, control, use_rope) -> (y, (k, v), memory)`,
+where `memory`/`control` are opaque here (None for the plain backbone).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from models.config import ModelConfig
+
+Array = jax.Array
+_MASKED = -1e30  # finite, so a fully masked row cannot produce NaN
+
+
+class LayerFlag(nnx.Variable):
+    """A per-layer constant (not trained), stacked over layers like the parameters."""
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, std: float | None = 0.02, fill: float | None = None):
+    if fill is not None:
+        value = jnp.full(shape, fill, dtype)
+    else:
+        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+# ---------------------------------------------------------------------------- cache
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer, slot-major. New tokens go to slots [end, end+t).
+
+    Prompts of a batch are left-padded to a common length, so all rows share `end`;
+    `valid` marks which slots hold real tokens.
+    """
+
+    k: Array  # [l, b, s, k, h]
+    v: Array  # [l, b, s, k, h]
+    valid: Array  # [b, s] bool
+    end: Array  # [] int32: slots in use
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return cls(
+            k=jnp.zeros(shape, cfg.jnp_dtype),
+            v=jnp.zeros(shape, cfg.jnp_dtype),
+            valid=jnp.zeros((batch, max_len), bool),
+            end=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def append(self, k: Array, v: Array, valid: Array) -> KVCache:
+        """Writes new keys/values `[l, b, t, k, h]` at slot `end` (in place under donation)."""
+        at = (0, 0, self.end, 0, 0)
+        return KVCache(
+            k=jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), at),
+            v=jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), at),
+            valid=jax.lax.dynamic_update_slice(self.valid, valid, (0, self.end)),
+            end=self.end + k.shape[2],
+        )
+
+
+# ---------------------------------------------------------------------------- layers
+
+
+def rms_norm(x: Array, weight: Array, eps: float) -> Array:
+    """RMSNorm computed in float32, as Hugging Face does, then cast back."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> Array:
+    """Inverse frequencies `[h/2]`, with linear or llama3 scaling when configured."""
+    h = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    scaling = dict(cfg.rope_scaling or ())
+    kind = scaling.get("rope_type")
+    if kind == "linear":
+        inv = inv / scaling["factor"]
+    elif kind == "llama3":
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - lo) / (hi - lo)
+        mid = (1 - smooth) * inv / factor + smooth * inv
+        inv = jnp.where(wavelen > old / lo, inv / factor, jnp.where(wavelen < old / hi, inv, mid))
+    return inv
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+    """Hugging Face 'rotate_half' RoPE. x: [b, t, n, h], positions: [b, t]."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [b, t, h/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Frozen grouped-query attention, split in steps so δ-mem can correct q/k/v/o."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        L, d, n, kv, h, dt = cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.jnp_dtype
+        self.cfg = cfg
+        self.q_proj = _param(rngs, (L, d, n, h), ("layers", "embed", "heads", "head_dim"), dt)
+        self.k_proj = _param(rngs, (L, d, kv, h), ("layers", "embed", "kv_heads", "head_dim"), dt)
+        self.v_proj = _param(rngs, (L, d, kv, h), ("layers", "embed", "kv_heads", "head_dim"), dt)
+        self.o_proj = _param(rngs, (L, n, h, d), ("layers", "heads", "head_dim", "embed"), dt)
+        if cfg.qkv_bias:
+            self.q_bias = _param(rngs, (L, n, h), ("layers", "heads", "head_dim"), dt, fill=0.0)
+            self.k_bias = _param(rngs, (L, kv, h), ("layers", "kv_heads", "head_dim"), dt, fill=0.0)
+            self.v_bias = _param(rngs, (L, kv, h), ("layers", "kv_heads", "head_dim"), dt, fill=0.0)
+        if cfg.o_bias:
+            self.o_bias = _param(rngs, (L, d), ("layers", "embed"), dt, fill=0.0)
+        if cfg.qk_norm:
+            self.q_norm = _param(rngs, (L, h), ("layers", "head_dim"), dt, fill=1.0)
+            self.k_norm = _param(rngs, (L, h), ("layers", "head_dim"), dt, fill=1.0)
+
+    def project(self, x: Array) -> tuple[Array, Array, Array]:
+        """Raw projections: q [b,t,n,h], k, v [b,t,k,h] (before norms and RoPE)."""
+        q = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...])
+        k = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...])
+        v = jnp.einsum("btd,dkh->btkh", x, self.v_proj[...])
+        if self.cfg.qkv_bias:
+            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+        return q, k, v
+
+    def attend(self, q, k, v, positions, valid, cache, use_rope) -> tuple[Array, Array]:
+        """Norms, RoPE and causal GQA attention over (cache slots, then the new tokens).
+
+        Returns the attention output [b,t,n,h] and the roped keys [b,t,k,h] for the cache.
+        """
+        eps = self.cfg.rms_norm_eps
+        inv_freq = rope_frequencies(self.cfg)  # a compile-time constant
+        if self.cfg.qk_norm:
+            q, k = rms_norm(q, self.q_norm[...], eps), rms_norm(k, self.k_norm[...], eps)
+        q = jnp.where(use_rope, apply_rope(q, positions, inv_freq), q)
+        k = jnp.where(use_rope, apply_rope(k, positions, inv_freq), k)
+        b, t, n, h = q.shape
+        kvh = k.shape[2]
+        qg = q.reshape(b, t, kvh, n // kvh, h) * jnp.asarray(h**-0.5, q.dtype)  # [b,t,k,g,h]
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+        scores = jnp.where(causal & valid[:, None, None, None, :], scores, _MASKED)
+        if cache is not None:
+            ck, cv, cvalid = cache  # [b,s,k,h], [b,s,k,h], [b,s]
+            cs = jnp.einsum("btkgh,bskh->bkgts", qg, ck, preferred_element_type=jnp.float32)
+            cs = jnp.where(cvalid[:, None, None, None, :], cs, _MASKED)
+            probs = jax.nn.softmax(jnp.concatenate([cs, scores], axis=-1), axis=-1)
+            pc, ps = probs[..., : ck.shape[1]], probs[..., ck.shape[1] :]
+            out = jnp.einsum("bkgts,bskh->btkgh", pc.astype(cv.dtype), cv)
+            out = out + jnp.einsum("bkgts,bskh->btkgh", ps.astype(v.dtype), v)
+        else:
+            probs = jax.nn.softmax(scores, axis=-1)
+            out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v)
+        return out.reshape(b, t, n, h), k
+
+    def output(self, a: Array) -> Array:
+        y = jnp.einsum("btnh,nhd->btd", a, self.o_proj[...])
+        return y + self.o_bias[...] if self.cfg.o_bias else y
+
+    def __call__(self, x, positions, valid, cache, memory, control, use_rope):
+        q, k, v = self.project(x)
+        a, k = self.attend(q, k, v, positions, valid, cache, use_rope)
+        return self.output(a), (k, v), memory
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        L, d, f, dt = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.jnp_dtype
+        self.gate_proj = _param(rngs, (L, d, f), ("layers", "embed", "mlp"), dt)
+        self.up_proj = _param(rngs, (L, d, f), ("layers", "embed", "mlp"), dt)
+        self.down_proj = _param(rngs, (L, f, d), ("layers", "mlp", "embed"), dt)
+        self.bias = cfg.mlp_bias
+        if cfg.mlp_bias:
+            self.gate_bias = _param(rngs, (L, f), ("layers", "mlp"), dt, fill=0.0)
+            self.up_bias = _param(rngs, (L, f), ("layers", "mlp"), dt, fill=0.0)
+            self.down_bias = _param(rngs, (L, d), ("layers", "embed"), dt, fill=0.0)
+
+    def __call__(self, x: Array) -> Array:
+        g = jnp.einsum("btd,df->btf", x, self.gate_proj[...])
+        u = jnp.einsum("btd,df->btf", x, self.up_proj[...])
+        if self.bias:
+            g, u = g + self.gate_bias[...], u + self.up_bias[...]
+        y = jnp.einsum("btf,fd->btd", jax.nn.silu(g) * u, self.down_proj[...])
+        return y + self.down_bias[...] if self.bias else y
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers, stacked. `__call__` runs ONE layer on a per-layer slice."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        L, d, dt = cfg.num_layers, cfg.hidden_size, cfg.jnp_dtype
+        self.cfg = cfg
+        self.input_norm = _param(rngs, (L, d), ("layers", "embed"), dt, fill=1.0)
+        self.post_attention_norm = _param(rngs, (L, d), ("layers", "embed"), dt, fill=1.0)
+        self.attn: Any = Attention(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+        self.use_rope = LayerFlag(jnp.asarray(cfg.rope_layers, bool), logical_axes=("layers",))
+
+    def __call__(self, x, positions, valid, cache, memory, control):
+        eps = self.cfg.rms_norm_eps
+        h = rms_norm(x, self.input_norm[...], eps)
+        a, kv, memory = self.attn(h, positions, valid, cache, memory, control, self.use_rope[...])
+        x = x + a
+        x = x + self.mlp(rms_norm(x, self.post_attention_norm[...], eps))
+        return x, kv, memory
+
+
+class Decoder(nnx.Module):
+    """Embeddings → scanned decoder layers → final norm → LM head (tied or not)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dt = cfg.jnp_dtype
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt)
+        self.layers = DecoderLayers(cfg, rngs)
+        self.final_norm = _param(rngs, (cfg.hidden_size,), ("embed",), dt, fill=1.0)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt)
+
+    def __call__(
+        self,
+        tokens: Array,  # [b, t] int
+        positions: Array,  # [b, t] int (RoPE positions)
+        valid: Array,  # [b, t] bool (False = padding)
+        cache: KVCache,
+        memory: Any = None,  # a pytree whose leaves are stacked over layers, or None
+        control: Any = None,  # passed to every attention unchanged (e.g. δ-mem write mode)
+        attend_cache: bool = True,  # False: the cache is known empty (a fresh prefill)
+        last_only: bool = False,  # logits of the last token only
+    ) -> tuple[Array, KVCache, Any]:
+        """Returns logits [b, t, v] (or [b, 1, v]), the extended cache and the new memory."""
+        x = self.embed[...][tokens]  # [b, t, d]
+        graphdef, per_layer = nnx.split(self.layers)
+        cache_xs = (cache.k, cache.v) if attend_cache else None
+
+        def one_layer(x, xs):
+            state, kv_cache, mem = xs
+            layer = nnx.merge(graphdef, state)
+            c = None if kv_cache is None else (*kv_cache, cache.valid)
+            x, kv, mem = layer(x, positions, valid, c, mem, control)
+            return x, (kv, mem)
+
+        x, ((k, v), memory) = jax.lax.scan(one_layer, x, (per_layer, cache_xs, memory))
+        cache = cache.append(k, v, valid)
+        if last_only:
+            x = x[:, -1:]
+        x = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
+        if self.cfg.tie_word_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, self.embed[...], preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...], preferred_element_type=jnp.float32)
+        return logits, cache, memory
