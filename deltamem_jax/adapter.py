@@ -1,0 +1,174 @@
+"""Attaching δ-mem to a backbone, and the official adapter folder format.
+
+An adapter folder holds `delta_mem_config.json` and the δ-mem tensors under their
+official names (`model.layers.{i}.self_attn.memory_q_proj`, …, torch [out, in] layout)
+in `delta_mem_adapter.safetensors` (ours and the fixtures) or `delta_mem_adapter.pt`
+(the official release; read when torch is installed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deltamem_jax.config import DeltaMemConfig
+from deltamem_jax.memory import DeltaMem, DeltaMemAttention
+from models.decoder import Decoder
+
+CONFIG_FILE = "delta_mem_config.json"
+SAFETENSORS_FILE = "delta_mem_adapter.safetensors"
+TORCH_FILE = "delta_mem_adapter.pt"
+
+
+def attach(model: Decoder, config: DeltaMemConfig, seed: int = 0) -> Decoder:
+    """Wraps every layer's frozen attention with a freshly initialized δ-mem (in place)."""
+    if isinstance(model.layers.attn, DeltaMemAttention):
+        raise ValueError("this model already has δ-mem attached; detach() it first")
+    config.layer_enabled(model.cfg.num_layers)  # validates target_layers
+    base = model.layers.attn
+    model.layers.attn = DeltaMemAttention(base, DeltaMem(config, model.cfg, base, nnx.Rngs(seed)))
+    return model
+
+
+def detach(model: Decoder) -> Decoder:
+    """Removes δ-mem, leaving the frozen backbone (in place)."""
+    if isinstance(model.layers.attn, DeltaMemAttention):
+        model.layers.attn = model.layers.attn.base
+    return model
+
+
+def memory_of(model: Decoder) -> DeltaMem:
+    attn = model.layers.attn
+    if not isinstance(attn, DeltaMemAttention):
+        raise ValueError("this model has no δ-mem attached")
+    return attn.memory
+
+
+def _official_tensors(mem: DeltaMem) -> dict[str, np.ndarray]:
+    """Our stacked parameters → official per-layer tensors (target layers only)."""
+    c = mem.config
+    R, G = c.width, c.num_gates
+    in_proj = np.asarray(mem.in_proj[...])  # [l, d, 3R + G·sets]
+    bias = np.asarray(mem.gate_bias[...])
+    out = {}
+    enabled = np.asarray(mem.enabled[...])
+    for i in np.flatnonzero(enabled):
+        p = f"model.layers.{i}.self_attn."
+        w = in_proj[i].T  # [3R + G·sets, d]
+        out[p + "memory_q_proj"] = w[:R]
+        out[p + "memory_k_proj"] = w[R : 2 * R]
+        out[p + "memory_v_proj"] = w[2 * R : 3 * R]
+        out[p + "beta_proj"] = w[3 * R : 3 * R + G]
+        out[p + "beta_bias"] = bias[i, :G]
+        if w.shape[0] > 3 * R + G:
+            out[p + "lambda_proj"] = w[3 * R + G :]
+            out[p + "lambda_bias"] = bias[i, G:]
+        for b in c.branches:
+            d = np.asarray(getattr(mem, f"delta_{b}")[...][i])  # [R, ...]
+            out[p + f"delta_{b}_proj"] = d.reshape(R, -1).T
+    return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
+
+
+def save_adapter(model: Decoder, folder: str | Path) -> Path:
+    """Writes the official adapter folder atomically (a temp folder renamed into place)."""
+    from safetensors.numpy import save_file
+
+    mem = memory_of(model)
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        (tmp / CONFIG_FILE).write_text(json.dumps(mem.config.to_official(), indent=2))
+        save_file(_official_tensors(mem), str(tmp / SAFETENSORS_FILE))
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def read_adapter_tensors(folder: Path) -> dict[str, np.ndarray]:
+    if (folder / SAFETENSORS_FILE).is_file():
+        from safetensors.numpy import load_file
+
+        return load_file(str(folder / SAFETENSORS_FILE))
+    if (folder / TORCH_FILE).is_file():
+        try:
+            import torch
+        except ImportError as e:
+            raise ImportError(f"{folder / TORCH_FILE} needs torch to read (pip install deltamem-jax[torch])") from e
+        sd = torch.load(folder / TORCH_FILE, map_location="cpu", weights_only=True)
+        return {k: v.detach().float().numpy() for k, v in sd.items()}
+    raise FileNotFoundError(f"no {SAFETENSORS_FILE} or {TORCH_FILE} in {folder}")
+
+
+def load_adapter(model: Decoder, folder: str | Path) -> DeltaMemConfig:
+    """Attaches δ-mem to `model` with the parameters of an official adapter folder.
+
+    A mismatch with the backbone (layer count, widths, rank, sub-states) is an error
+    that names the tensor and both shapes.
+    """
+    folder = Path(folder)
+    config = DeltaMemConfig.load(folder)
+    tensors = read_adapter_tensors(folder)
+    tensors = {k.removeprefix("base_model."): v for k, v in tensors.items()}
+    cfg = model.cfg
+    L = cfg.num_layers
+    layers = sorted({int(k.split(".")[2]) for k in tensors if k.startswith("model.layers.")})
+    if not layers or layers[-1] >= L:
+        raise ValueError(f"{folder}: adapter has layers {layers[:1]}..{layers[-1:]} but the backbone has {L} layers")
+    targets = [i for i, on in enumerate(config.layer_enabled(L)) if on]
+    if layers != targets:
+        raise ValueError(f"{folder}: adapter holds layers {layers}, its config targets {targets} of {L}")
+    detach(model)
+    attach(model, config)
+    mem = memory_of(model)
+    expected = _official_tensors(mem)
+    extra = sorted(
+        k for k in tensors
+        if k not in expected and not any(k.endswith(f"delta_{b}_proj") for b in "qkvo")
+    )
+    if extra:
+        raise ValueError(f"{folder}: unexpected adapter tensors {extra[:4]}")
+    for name, want in expected.items():
+        if name not in tensors:
+            raise ValueError(f"{folder}: adapter is missing {name}")
+        if tuple(tensors[name].shape) != want.shape:
+            raise ValueError(
+                f"{folder}: {name} has shape {tuple(tensors[name].shape)}, this backbone and config need "
+                f"{want.shape} (hidden {cfg.hidden_size}, rank {config.rank} × {config.num_state_heads} sub-states)"
+            )
+    c = config
+    R, G = c.width, c.num_gates
+    in_proj = np.array(mem.in_proj[...])
+    bias = np.array(mem.gate_bias[...])
+    deltas = {b: np.array(getattr(mem, f"delta_{b}")[...]) for b in c.branches}
+    for i in targets:
+        p = f"model.layers.{i}.self_attn."
+        rows = [tensors[p + n] for n in ("memory_q_proj", "memory_k_proj", "memory_v_proj", "beta_proj")]
+        gate_bias = [tensors[p + "beta_bias"]]
+        if in_proj.shape[-1] > 3 * R + G:
+            rows.append(tensors[p + "lambda_proj"])
+            gate_bias.append(tensors[p + "lambda_bias"])
+        in_proj[i] = np.concatenate(rows, 0).T
+        bias[i] = np.concatenate(gate_bias)
+        for b in c.branches:
+            deltas[b][i] = tensors[p + f"delta_{b}_proj"].T.reshape(deltas[b].shape[1:])
+    mem.in_proj.value = jnp.asarray(in_proj)
+    mem.gate_bias.value = jnp.asarray(bias)
+    for b in c.branches:
+        getattr(mem, f"delta_{b}").value = jnp.asarray(deltas[b])
+    return config
