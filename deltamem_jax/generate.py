@@ -1,0 +1,228 @@
+"""Generation with memory: bucketed prefill, and a `lax.scan` decode loop.
+
+Every processed token is written into the memory exactly once: the prompt by the
+prefill, each generated token by the decode step that feeds it (the step that samples a
+token also feeds it, so the last token of a reply is written too). Prompts of a batch
+are left-padded; padding neither attends, is attended to, nor writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from deltamem_jax.forward import forward
+from deltamem_jax.state import MemoryState, WriteControl, WriteMode
+from models.decoder import Decoder, KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Token choice. temperature 0 = greedy; top_k 0 = off; top_p 1 = off."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"invalid sampling settings {self}")
+
+
+def sample(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
+    """One token per row from logits `[b, v]`."""
+    if s.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / s.temperature
+    if s.top_k:
+        kth = jax.lax.top_k(logits, s.top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if s.top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        keep = jnp.cumsum(probs, axis=-1) - probs < s.top_p
+        cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def bucket(n: int) -> int:
+    """Padded prompt length: powers of two up to 256, then multiples of 256."""
+    if n <= 256:
+        return max(16, 1 << (n - 1).bit_length())
+    return -(-n // 256) * 256
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0):
+    """Token ids, RoPE positions and validity `[b, length]` for left-padded prompts.
+
+    `start` offsets the positions of every row (a continuing conversation).
+    """
+    b = len(prompts)
+    tokens = np.full((b, length), pad_id, np.int32)
+    valid = np.zeros((b, length), bool)
+    for i, p in enumerate(prompts):
+        if len(p) > length:
+            raise ValueError(f"prompt {i} has {len(p)} tokens, more than {length}")
+        if len(p):
+            tokens[i, length - len(p) :] = p
+            valid[i, length - len(p) :] = True
+    positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
+    return jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(valid)
+
+
+@struct.dataclass
+class DecodeState:
+    """Everything the decode loop carries, as arrays (nothing recompiles per step)."""
+
+    cache: KVCache
+    memory: MemoryState | None
+    logits: jax.Array  # [b, v] float32: logits for the next token
+    positions: jax.Array  # [b] int32: RoPE position of the next token
+    key: jax.Array
+    done: jax.Array  # [b] bool
+
+
+def prefill(
+    model: Decoder,
+    tokens: jax.Array,
+    positions: jax.Array,
+    valid: jax.Array,
+    cache: KVCache,
+    memory: MemoryState | None,
+    control: WriteControl | None = None,
+    key: jax.Array | None = None,
+) -> DecodeState:
+    """Runs the prompt through the model (KV cache filled, memory written) once."""
+    if cache.max_len - int(cache.end) < tokens.shape[1]:
+        raise ValueError(
+            f"prompt of {tokens.shape[1]} (padded) tokens does not fit: the cache has "
+            f"{cache.max_len - int(cache.end)} of {cache.max_len} slots left"
+        )
+    fresh = int(cache.end) == 0
+    logits, cache, memory = forward(
+        model, tokens, positions, valid, cache, memory, control, attend_cache=not fresh, last_only=True
+    )
+    # each row's next position follows its last real token (rows may be all padding)
+    next_pos = jnp.max(jnp.where(valid, positions + 1, 0), axis=1).astype(jnp.int32)
+    next_pos = jnp.where(jnp.any(valid, axis=1), next_pos, 0)
+    return DecodeState(
+        cache=cache,
+        memory=memory,
+        logits=logits[:, -1],
+        positions=next_pos,
+        key=jax.random.PRNGKey(0) if key is None else key,
+        done=jnp.zeros(tokens.shape[0], bool),
+    )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "steps", "sampling", "write"), donate_argnames=("state",)
+)
+def _decode(graphdef, params, state: DecodeState, stop_ids, steps: int, sampling: Sampling, write: WriteMode):
+    model = nnx.merge(graphdef, params)
+    control = WriteControl(write)
+
+    def step(s: DecodeState, _):
+        key, sub = jax.random.split(s.key)
+        tok = sample(s.logits, sub, sampling)  # [b]
+        live = ~s.done
+        tok = jnp.where(live, tok, 0)
+        logits, cache, memory = model(
+            tok[:, None], s.positions[:, None], live[:, None], s.cache, s.memory, control, last_only=True
+        )
+        done = s.done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+        new = DecodeState(cache, memory, logits[:, -1], s.positions + live, key, done)
+        return new, (tok, live)
+
+    state, (tokens, live) = jax.lax.scan(step, state, None, length=steps)
+    return state, tokens.T, live.T  # [b, steps]
+
+
+def decode(
+    model: Decoder,
+    state: DecodeState,
+    steps: int,
+    stop_ids: Sequence[int] = (),
+    sampling: Sampling = Sampling(),
+    write: WriteMode = WriteMode.TOKENS,
+) -> tuple[DecodeState, jax.Array, jax.Array]:
+    """`steps` tokens per row in one compiled scan. Returns (state, tokens, live) `[b, steps]`.
+
+    `live` is False for steps after a row produced a stop token (those tokens are
+    padding and were neither cached nor written). `state` is donated.
+    """
+    if state.cache.max_len - int(state.cache.end) < steps:
+        raise ValueError(f"{steps} decode steps do not fit: {state.cache.max_len - int(state.cache.end)} cache slots left")
+    graphdef, params = nnx.split(model)
+    stop = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
+    return _decode(graphdef, params, state, stop, steps, sampling, write)
+
+
+def stream(
+    model: Decoder,
+    state: DecodeState,
+    max_new_tokens: int,
+    stop_ids: Sequence[int] = (),
+    sampling: Sampling = Sampling(),
+    chunk: int = 16,
+    write: WriteMode = WriteMode.TOKENS,
+    on_state: Callable[[DecodeState], None] | None = None,
+) -> Iterator[np.ndarray]:
+    """Yields `[b, ≤chunk]` token arrays (−1 after a stop) as each chunk of steps finishes.
+
+    Stops early once every row is done. `on_state` receives the final decode state.
+    """
+    left = max_new_tokens
+    while left > 0:
+        n = min(chunk, left)
+        state, tokens, live = decode(model, state, n, stop_ids, sampling, write)
+        left -= n
+        yield np.where(np.asarray(live), np.asarray(tokens), -1)
+        if bool(jnp.all(state.done)):
+            break
+    if on_state is not None:
+        on_state(state)
+
+
+def generate(
+    model: Decoder,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    memory: MemoryState | None = None,
+    stop_ids: Sequence[int] = (),
+    sampling: Sampling = Sampling(),
+    seed: int = 0,
+    chunk: int | None = None,
+) -> tuple[list[list[int]], MemoryState | None]:
+    """Generates for a batch of prompts (token ids). Returns replies (stop token included)
+    and the memory after the prompts and replies were written.
+
+    `memory=None` with δ-mem attached starts from a zero memory; pass `False`-y
+    `MemoryState` explicitly to continue one. A plain backbone (no δ-mem) ignores memory.
+    """
+    from deltamem_jax.memory import DeltaMemAttention
+
+    b = len(prompts)
+    length = bucket(max(len(p) for p in prompts))
+    tokens, positions, valid = left_pad(prompts, length)
+    has_memory = isinstance(model.layers.attn, DeltaMemAttention)
+    if has_memory and memory is None:
+        memory = MemoryState.zeros(model.cfg.num_layers, b, model.layers.attn.memory.config)
+    if not has_memory:
+        memory = None
+    cache = KVCache.create(model.cfg, b, length + bucket(max_new_tokens))
+    state = prefill(model, tokens, positions, valid, cache, memory, WriteControl(), jax.random.PRNGKey(seed))
+    final = []
+    pieces = list(stream(model, state, max_new_tokens, stop_ids, sampling, chunk or max_new_tokens, on_state=final.append))
+    out = np.concatenate(pieces, axis=1)
+    replies = [[int(t) for t in row if t >= 0] for row in out]
+    return replies, final[0].memory
