@@ -2,7 +2,7 @@
 
 from models.config import ModelConfig
 from models.decoder import Attention, Decoder, KVCache
-from models.loading import build_decoder, load_pretrained
+from models.loading import build_decoder, load_gguf, load_pretrained
 from models.sharding import ShardingRules, make_mesh, shard_model
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "ModelConfig",
     "ShardingRules",
     "build_decoder",
+    "load_gguf",
     "load_pretrained",
     "make_mesh",
     "shard_model",

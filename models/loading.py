@@ -165,3 +165,16 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
 
 
 __all__ = ["build_decoder", "load_pretrained", "read_safetensors", "weight_table"]
+
+
+def load_gguf(path: str | Path | None = None, dtype: str = "float32"):
+    """A llama GGUF file (default: the embedded SmolLM2-135M-Instruct) → (Decoder, config, Tokenizer).
+
+    Quantized tensors are dequantized to `dtype`; no torch needed.
+    """
+    from models.gguf import read_gguf
+    from models.tokenizer import Tokenizer
+
+    checkpoint = read_gguf(path)
+    cfg = ModelConfig.from_hf(checkpoint.config, dtype=dtype)
+    return build_decoder(cfg, checkpoint.tensors), cfg, Tokenizer.from_gguf(checkpoint)
