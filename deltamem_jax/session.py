@@ -1,0 +1,290 @@
+"""A conversation whose memory persists across turns, conversations and processes.
+
+Two modes:
+- `context+memory` (the official evaluation protocol): the conversation stays in the
+  KV cache and every processed token is also written into the memory.
+- `memory-only` (what δ-mem is trained for): each turn runs in a fresh context holding
+  only the system prompt and that turn; earlier turns live in the memory alone, so the
+  context stays short however long the history grows. The system prompt is read, never
+  written.
+
+`chat` answers and remembers the exchange; `ask` answers from the memory without
+writing anything (the memory and the conversation are left as they were).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deltamem_jax.adapter import attach, load_adapter, memory_of
+from deltamem_jax.config import DeltaMemConfig, WriteGranularity
+from deltamem_jax.generate import DecodeState, Sampling, bucket, left_pad, prefill, stream
+from deltamem_jax.memory import MemoryParam
+from deltamem_jax.state import MemoryState, WriteControl, WriteMode
+from models.decoder import Decoder, KVCache
+from models.tokenizer import Tokenizer
+
+DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+# A trained adapter for the embedded default model, when one is installed here.
+DEFAULT_ADAPTER = Path(__file__).parent / "adapters" / "smollm2-135m-instruct-tsw"
+
+
+class Mode(str, enum.Enum):
+    CONTEXT_AND_MEMORY = "context+memory"
+    MEMORY_ONLY = "memory-only"
+
+
+class Session:
+    """A chat with memory on one model (batch 1). All state is arrays plus a few counters."""
+
+    def __init__(
+        self,
+        model: Decoder,
+        tokenizer: Tokenizer,
+        mode: Mode | str = Mode.MEMORY_ONLY,
+        *,
+        system_prompt: str = DEFAULT_SYSTEM,
+        max_context: int = 4096,
+        max_new_tokens: int = 256,
+        sampling: Sampling = Sampling(),
+        prefill_segment: int = 1024,
+        log: Callable[[str], None] | None = None,
+        adapter_note: str = "",
+    ):
+        self.model, self.tokenizer = model, tokenizer
+        self.mode = Mode(mode)
+        self.config: DeltaMemConfig = memory_of(model).config
+        self.system_prompt = system_prompt
+        self.max_context, self.max_new_tokens = max_context, max_new_tokens
+        self.sampling, self.prefill_segment = sampling, prefill_segment
+        self.log = log or (lambda s: None)
+        self.adapter_note = adapter_note
+        self.fingerprint = _fingerprint(model)
+        self.reset()
+
+    @classmethod
+    def default(cls, mode: Mode | str = Mode.MEMORY_ONLY, **kwargs) -> Session:
+        """SmolLM2-135M-Instruct (embedded GGUF) with the default δ-mem adapter.
+
+        Uses the trained adapter at `DEFAULT_ADAPTER` when present; otherwise a freshly
+        initialized (untrained) TSW adapter, and `adapter_note` says so.
+        """
+        from models.loading import load_gguf
+
+        model, _, tokenizer = load_gguf()
+        if (DEFAULT_ADAPTER / "delta_mem_config.json").is_file():
+            load_adapter(model, DEFAULT_ADAPTER)
+            note = f"trained adapter {DEFAULT_ADAPTER.name}"
+        else:
+            attach(model, DeltaMemConfig())
+            note = "untrained δ-mem adapter (base-slice init, seed 0): no trained adapter is installed yet"
+        return cls(model, tokenizer, mode, adapter_note=note, **kwargs)
+
+    # -- state ----------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forgets everything: zero memory, empty conversation."""
+        self.memory = MemoryState.zeros(self.model.cfg.num_layers, 1, self.config)
+        self.cache = KVCache.create(self.model.cfg, 1, self.max_context) if self.mode == Mode.CONTEXT_AND_MEMORY else None
+        self.history: list[dict[str, str]] = []  # context+memory: the conversation in the cache
+        self.fed_text = ""  # context+memory: the rendered text whose tokens are in the cache
+        self.position = 0  # context+memory: RoPE position of the next token
+        self.next_message_id = 0  # SSW: one id per written message
+
+    # -- public API -----------------------------------------------------------------
+
+    def remember(self, text: str) -> None:
+        """Writes `text` (as a user message) into the memory without answering."""
+        for _ in self._run_turn({"role": "user", "content": text}, answer=False, write=True):
+            pass
+
+    def chat(self, message: str) -> str:
+        """Answers `message`; the exchange is written into the memory."""
+        return "".join(self.chat_stream(message))
+
+    def ask(self, question: str) -> str:
+        """Answers from the memory without writing (nothing of this turn is kept)."""
+        return "".join(self._run_turn({"role": "user", "content": question}, answer=True, write=False))
+
+    def chat_stream(self, message: str) -> Iterator[str]:
+        """`chat`, yielding the reply's text as it is generated."""
+        return self._run_turn({"role": "user", "content": message}, answer=True, write=True)
+
+    # -- turns ----------------------------------------------------------------------
+
+    def _render(self, messages, generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt)
+
+    def _run_turn(self, message: dict, answer: bool, write: bool) -> Iterator[str]:
+        system = [{"role": "system", "content": self.system_prompt}]
+        if self.mode == Mode.CONTEXT_AND_MEMORY:
+            full = self._render(system + self.history + [message], generation_prompt=answer)
+            if not full.startswith(self.fed_text):
+                raise RuntimeError("the chat template does not extend the conversation in the cache")
+            segments = [(full[len(self.fed_text) :], write)]
+            cache, position = self.cache, self.position
+        else:
+            sys_text = self._render(system, generation_prompt=False)
+            full = self._render(system + [message], generation_prompt=answer)
+            if not full.startswith(sys_text):
+                raise RuntimeError("the chat template does not start with its system message")
+            segments = [(sys_text, False), (full[len(sys_text) :], write)]
+            n = sum(len(self.tokenizer.encode(t)) for t, _ in segments)
+            cache, position = KVCache.create(self.model.cfg, 1, bucket(n) + 64 + bucket(self.max_new_tokens)), 0
+        memory = self.memory
+        state = None
+        for text, seg_write in segments:
+            state, cache, memory, position = self._prefill(text, seg_write, cache, memory, position)
+        reply_ids: list[int] = []
+        if answer:
+            finals: list[DecodeState] = []
+            mode = WriteMode.TOKENS if write else WriteMode.READ_ONLY
+            room = state.cache.max_len - int(state.cache.end)
+            steps = min(self.max_new_tokens, room)
+            if steps <= 0:
+                raise ValueError(f"the context is full ({self.max_context} tokens); reset() or use memory-only mode")
+            shown = ""
+            for chunk in stream(self.model, state, steps, self.tokenizer.eos_ids, self.sampling, chunk=16, write=mode, on_state=finals.append):
+                reply_ids += [int(t) for t in chunk[0] if t >= 0]
+                text = self.tokenizer.decode(reply_ids)
+                if len(text) > len(shown) and not text.endswith("\ufffd"):
+                    yield text[len(shown) :]
+                    shown = text
+            state = finals[0]
+            cache, memory = state.cache, state.memory
+            position = int(state.positions[0])
+        if write:
+            self.memory = memory
+            if self.mode == Mode.CONTEXT_AND_MEMORY:
+                self.cache, self.position = cache, position
+                self.fed_text = full + self.tokenizer.decode(reply_ids, skip_special_tokens=False)
+                self.history.append(message)
+                if answer:
+                    self.history.append({"role": "assistant", "content": self.tokenizer.decode(reply_ids)})
+
+    def _prefill(self, text: str, write: bool, cache: KVCache, memory: MemoryState, position: int):
+        """Feeds `text` in segments (progress logged for long inputs)."""
+        ids = self.tokenizer.encode(text)
+        step = self.prefill_segment
+        need = sum(bucket(len(ids[i : i + step])) for i in range(0, len(ids), step))
+        if int(cache.end) + need > cache.max_len:
+            raise ValueError(
+                f"{len(ids)} new tokens (padded to {need}) do not fit: {cache.max_len - int(cache.end)} "
+                f"of the {cache.max_len}-token context are left; reset() or use memory-only mode"
+            )
+        state = None
+        t0 = time.perf_counter()
+        for i in range(0, len(ids), self.prefill_segment):
+            seg = ids[i : i + self.prefill_segment]
+            tokens, positions, valid = left_pad([seg], bucket(len(seg)))
+            positions = positions + position
+            if not write:
+                control = WriteControl(WriteMode.READ_ONLY)
+            elif self.config.write_granularity == WriteGranularity.MESSAGE_MEAN:
+                msg = jnp.where(valid, self.next_message_id, -1)
+                control = WriteControl.messages(msg, valid)
+            else:
+                control = WriteControl(WriteMode.TOKENS)
+            state = prefill(self.model, tokens, positions, valid, cache, memory, control)
+            cache, memory, position = state.cache, state.memory, position + len(seg)
+            if len(ids) > self.prefill_segment:
+                self.log(f"prefill {min(i + len(seg), len(ids))}/{len(ids)} tokens, {time.perf_counter() - t0:.1f} s")
+        if write and self.config.write_granularity == WriteGranularity.MESSAGE_MEAN:
+            self.next_message_id += 1
+        return state, cache, memory, position
+
+    # -- persistence ----------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """Saves the memory (and, in context+memory mode, the KV cache) with orbax, atomically."""
+        import orbax.checkpoint as ocp
+
+        path = Path(path).absolute()
+        arrays = {"memory": np.asarray(self.memory.S)}
+        if self.cache is not None:
+            arrays.update(
+                cache_k=np.asarray(self.cache.k), cache_v=np.asarray(self.cache.v),
+                cache_valid=np.asarray(self.cache.valid), cache_end=np.asarray(self.cache.end),
+            )
+        meta = {
+            "format": "deltamem-jax-session/1",
+            "fingerprint": self.fingerprint,
+            "mode": self.mode.value,
+            "system_prompt": self.system_prompt,
+            "max_context": self.max_context,
+            "history": self.history,
+            "fed_text": self.fed_text,
+            "position": self.position,
+            "next_message_id": self.next_message_id,
+        }
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+            ckpt.save(
+                path,
+                args=ocp.args.Composite(arrays=ocp.args.PyTreeSave(arrays), meta=ocp.args.JsonSave(meta)),
+                force=True,
+            )
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, model: Decoder | None = None, tokenizer: Tokenizer | None = None, **kwargs) -> Session:
+        """Restores a saved session onto `model` (default: `Session.default`'s model).
+
+        A session saved for another backbone or adapter is refused.
+        """
+        import orbax.checkpoint as ocp
+
+        path = Path(path).absolute()
+        if not path.exists():
+            raise FileNotFoundError(f"no saved session at {path}")
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+            meta = ckpt.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            if meta.get("format") != "deltamem-jax-session/1":
+                raise ValueError(f"{path} is not a deltamem-jax session")
+            if model is None:
+                session = cls.default(meta["mode"], system_prompt=meta["system_prompt"], max_context=meta["max_context"], **kwargs)
+            else:
+                session = cls(model, tokenizer, meta["mode"], system_prompt=meta["system_prompt"], max_context=meta["max_context"], **kwargs)
+            if meta["fingerprint"] != session.fingerprint:
+                raise ValueError(
+                    f"{path} was saved for another backbone or adapter "
+                    f"(saved {meta['fingerprint']['model']} / adapter {meta['fingerprint']['adapter'][:12]}, "
+                    f"this one {session.fingerprint['model']} / adapter {session.fingerprint['adapter'][:12]})"
+                )
+            arrays = ckpt.restore(path, args=ocp.args.Composite(arrays=ocp.args.PyTreeRestore()))["arrays"]
+        session.memory = MemoryState(S=jnp.asarray(arrays["memory"]))
+        if session.mode == Mode.CONTEXT_AND_MEMORY:
+            session.cache = KVCache(
+                k=jnp.asarray(arrays["cache_k"]), v=jnp.asarray(arrays["cache_v"]),
+                valid=jnp.asarray(arrays["cache_valid"]), end=jnp.asarray(arrays["cache_end"], jnp.int32),
+            )
+        session.history = meta["history"]
+        session.fed_text = meta["fed_text"]
+        session.position = meta["position"]
+        session.next_message_id = meta["next_message_id"]
+        return session
+
+
+def _fingerprint(model: Decoder) -> dict[str, str]:
+    """Identifies the backbone (config + a sample of weights) and the adapter (all of it)."""
+    import dataclasses
+
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(model.cfg), sort_keys=True, default=str).encode())
+    for w in (model.embed[...][:256], model.final_norm[...], model.layers.input_norm[...]):
+        h.update(np.asarray(w, np.float32).tobytes())
+    a = hashlib.sha256(json.dumps(memory_of(model).config.to_official(), sort_keys=True).encode())
+    for leaf in jax.tree.leaves(nnx.state(model, MemoryParam)):
+        a.update(np.asarray(leaf, np.float32).tobytes())
+    return {"model": f"{model.cfg.family}-{model.cfg.num_layers}x{model.cfg.hidden_size}-{h.hexdigest()[:16]}", "adapter": a.hexdigest()}
+
+
+__all__ = ["Mode", "Session"]
