@@ -98,7 +98,7 @@ def build_decoder(cfg: ModelConfig, tensors: Mapping[str, Any]) -> Decoder:
     """
     abstract = nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    pure = state.to_pure_dict()
+    pure = nnx.to_pure_dict(state)
     used = set()
     for hf_name, path, transform in weight_table(cfg):
         target = _get(pure, path)
@@ -108,8 +108,11 @@ def build_decoder(cfg: ModelConfig, tensors: Mapping[str, Any]) -> Decoder:
             raise KeyError(f"checkpoint is missing {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         parts = []
         for n in names:
-            w = transform(jnp.asarray(tensors[n]), cfg)
             expected = target.shape[1:] if "{i}" in hf_name else target.shape
+            try:  # a reshaping transform fails on a wrong size before the check below
+                w = transform(jnp.asarray(tensors[n]), cfg)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{n}: shape {tuple(tensors[n].shape)} does not fit the config ({e})") from e
             if tuple(w.shape) != tuple(expected):
                 raise ValueError(f"{n}: shape {tuple(tensors[n].shape)} does not fit the config (expected {expected} after transform)")
             parts.append(w.astype(target.dtype))
