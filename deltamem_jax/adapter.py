@@ -133,42 +133,47 @@ def load_adapter(model: Decoder, folder: str | Path) -> DeltaMemConfig:
     targets = [i for i, on in enumerate(config.layer_enabled(L)) if on]
     if layers != targets:
         raise ValueError(f"{folder}: adapter holds layers {layers}, its config targets {targets} of {L}")
-    detach(model)
-    attach(model, config)
-    mem = memory_of(model)
-    expected = _official_tensors(mem)
-    extra = sorted(
-        k for k in tensors
-        if k not in expected and not any(k.endswith(f"delta_{b}_proj") for b in "qkvo")
-    )
-    if extra:
-        raise ValueError(f"{folder}: unexpected adapter tensors {extra[:4]}")
-    for name, want in expected.items():
-        if name not in tensors:
-            raise ValueError(f"{folder}: adapter is missing {name}")
-        if tuple(tensors[name].shape) != want.shape:
-            raise ValueError(
-                f"{folder}: {name} has shape {tuple(tensors[name].shape)}, this backbone and config need "
-                f"{want.shape} (hidden {cfg.hidden_size}, rank {config.rank} × {config.num_state_heads} sub-states)"
-            )
-    c = config
-    R, G = c.width, c.num_gates
-    in_proj = np.array(mem.in_proj[...])
-    bias = np.array(mem.gate_bias[...])
-    deltas = {b: np.array(getattr(mem, f"delta_{b}")[...]) for b in c.branches}
-    for i in targets:
-        p = f"model.layers.{i}.self_attn."
-        rows = [tensors[p + n] for n in ("memory_q_proj", "memory_k_proj", "memory_v_proj", "beta_proj")]
-        gate_bias = [tensors[p + "beta_bias"]]
-        if in_proj.shape[-1] > 3 * R + G:
-            rows.append(tensors[p + "lambda_proj"])
-            gate_bias.append(tensors[p + "lambda_bias"])
-        in_proj[i] = np.concatenate(rows, 0).T
-        bias[i] = np.concatenate(gate_bias)
+    previous = model.layers.attn  # restored if anything below fails
+    try:
+        detach(model)
+        attach(model, config)
+        mem = memory_of(model)
+        expected = _official_tensors(mem)
+        extra = sorted(
+            k for k in tensors
+            if k not in expected and not any(k.endswith(f"delta_{b}_proj") for b in "qkvo")
+        )
+        if extra:
+            raise ValueError(f"{folder}: unexpected adapter tensors {extra[:4]}")
+        for name, want in expected.items():
+            if name not in tensors:
+                raise ValueError(f"{folder}: adapter is missing {name}")
+            if tuple(tensors[name].shape) != want.shape:
+                raise ValueError(
+                    f"{folder}: {name} has shape {tuple(tensors[name].shape)}, this backbone and config need "
+                    f"{want.shape} (hidden {cfg.hidden_size}, rank {config.rank} × {config.num_state_heads} sub-states)"
+                )
+        c = config
+        R, G = c.width, c.num_gates
+        in_proj = np.array(mem.in_proj[...])
+        bias = np.array(mem.gate_bias[...])
+        deltas = {b: np.array(getattr(mem, f"delta_{b}")[...]) for b in c.branches}
+        for i in targets:
+            p = f"model.layers.{i}.self_attn."
+            rows = [tensors[p + n] for n in ("memory_q_proj", "memory_k_proj", "memory_v_proj", "beta_proj")]
+            gate_bias = [tensors[p + "beta_bias"]]
+            if in_proj.shape[-1] > 3 * R + G:
+                rows.append(tensors[p + "lambda_proj"])
+                gate_bias.append(tensors[p + "lambda_bias"])
+            in_proj[i] = np.concatenate(rows, 0).T
+            bias[i] = np.concatenate(gate_bias)
+            for b in c.branches:
+                deltas[b][i] = tensors[p + f"delta_{b}_proj"].T.reshape(deltas[b].shape[1:])
+        mem.in_proj[...] = jnp.asarray(in_proj)
+        mem.gate_bias[...] = jnp.asarray(bias)
         for b in c.branches:
-            deltas[b][i] = tensors[p + f"delta_{b}_proj"].T.reshape(deltas[b].shape[1:])
-    mem.in_proj.value = jnp.asarray(in_proj)
-    mem.gate_bias.value = jnp.asarray(bias)
-    for b in c.branches:
-        getattr(mem, f"delta_{b}").value = jnp.asarray(deltas[b])
+            getattr(mem, f"delta_{b}")[...] = jnp.asarray(deltas[b])
+    except BaseException:
+        model.layers.attn = previous
+        raise
     return config

@@ -27,7 +27,7 @@ class ModelConfig:
     rope_scaling: tuple[tuple[str, Any], ...] | None = None  # llama3 / linear, as sorted items
     tie_word_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2; Llama's attention_bias
-    o_bias: bool = False  # Llama's attention_bias
+    o_bias: bool = False  # attention_bias of Llama, Qwen3, SmolLM3
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3: per-head RMSNorm of q and k before RoPE
     rope_layers: tuple[bool, ...] = ()  # per layer: apply RoPE (SmolLM3 skips every 4th)
@@ -105,7 +105,7 @@ class ModelConfig:
             rope_scaling=scaling,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             qkv_bias=family == "qwen2" or bias,
-            o_bias=family == "llama" and bias,
+            o_bias=family != "qwen2" and bias,  # Qwen2's o_proj never has a bias
             mlp_bias=bool(raw.get("mlp_bias", False)),
             qk_norm=family == "qwen3",
             rope_layers=rope_layers,
