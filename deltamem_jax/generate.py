@@ -61,10 +61,7 @@ def bucket(n: int) -> int:
 
 
 def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0):
-    """Token ids, RoPE positions and validity `[b, length]` for left-padded prompts.
-
-    `start` offsets the positions of every row (a continuing conversation).
-    """
+    """Token ids, RoPE positions (from 0) and validity `[b, length]` for left-padded prompts."""
     b = len(prompts)
     tokens = np.full((b, length), pad_id, np.int32)
     valid = np.zeros((b, length), bool)
@@ -76,6 +73,9 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0):
             valid[i, length - len(p) :] = True
     positions = np.maximum(np.cumsum(valid, axis=1) - 1, 0).astype(np.int32)
     return jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(valid)
+
+
+MAX_STOP_IDS = 8
 
 
 @struct.dataclass
@@ -161,8 +161,11 @@ def decode(
     """
     if state.cache.max_len - int(state.cache.end) < steps:
         raise ValueError(f"{steps} decode steps do not fit: {state.cache.max_len - int(state.cache.end)} cache slots left")
+    if len(stop_ids) > MAX_STOP_IDS:
+        raise ValueError(f"at most {MAX_STOP_IDS} stop ids, got {len(stop_ids)}")
     graphdef, params = nnx.split(model)
-    stop = jnp.asarray(list(stop_ids) or [-1], jnp.int32)
+    # a fixed length, so the number of stop ids never changes the compiled shape
+    stop = jnp.asarray(list(stop_ids) + [-1] * (MAX_STOP_IDS - len(stop_ids)), jnp.int32)
     return _decode(graphdef, params, state, stop, steps, sampling, write)
 
 
@@ -212,6 +215,8 @@ def generate(
     from deltamem_jax.memory import DeltaMemAttention
 
     b = len(prompts)
+    if not b or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
     length = bucket(max(len(p) for p in prompts))
     tokens, positions, valid = left_pad(prompts, length)
     has_memory = isinstance(model.layers.attn, DeltaMemAttention)
@@ -223,6 +228,6 @@ def generate(
     state = prefill(model, tokens, positions, valid, cache, memory, WriteControl(), jax.random.PRNGKey(seed))
     final = []
     pieces = list(stream(model, state, max_new_tokens, stop_ids, sampling, chunk or max_new_tokens, on_state=final.append))
-    out = np.concatenate(pieces, axis=1)
+    out = np.concatenate(pieces, axis=1) if pieces else np.zeros((b, 0), np.int32)
     replies = [[int(t) for t in row if t >= 0] for row in out]
     return replies, final[0].memory
