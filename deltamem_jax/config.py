@@ -51,7 +51,12 @@ class DeltaMemConfig:
     online_gain: float = 0.05
     base_slice_width: int = 8
     beta_bias_init: float = -1.5
-    chunk_size: int = 64  # chunk length of the parallel writer (not an official field)
+    # Multi-token writer (not official fields). "auto": the token scan on CPU, where the
+    # 8×8 recurrence costs microseconds per token and the chunked form does ~100× more
+    # arithmetic (scripts/bench_writers.py); the chunked form on GPU/TPU, where a long
+    # sequential loop is what costs.
+    writer: str = "auto"  # auto | scan | chunked
+    chunk_size: int = 64  # chunk length of the chunked writer
 
     def __post_init__(self):
         object.__setattr__(self, "write_granularity", WriteGranularity(self.write_granularity))
@@ -59,6 +64,8 @@ class DeltaMemConfig:
         object.__setattr__(self, "output_init", OutputInit(self.output_init))
         object.__setattr__(self, "branches", tuple(self.branches))
         object.__setattr__(self, "target_layers", tuple(int(i) for i in self.target_layers))
+        if self.writer not in ("auto", "scan", "chunked"):
+            raise ValueError(f"writer must be auto, scan or chunked, got {self.writer!r}")
         bad = [b for b in self.branches if b not in BRANCHES]
         if bad or len(set(self.branches)) != len(self.branches):
             raise ValueError(f"branches must be distinct names from {BRANCHES}, got {self.branches}")

@@ -113,7 +113,7 @@ class DeltaMem(nnx.Module):
             if t == 1:
                 reads, s = delta_rule.write_step(s, f, valid)
             else:
-                reads, s = delta_rule.write_chunked(s, f, valid, c.chunk_size)
+                reads, s = self._write(s, f, valid)
         else:  # MESSAGES: every token reads S_0; each message writes its mean once, in id order
             slots = control.message_slots
             active = (slots >= 0) & valid
@@ -124,9 +124,17 @@ class DeltaMem(nnx.Module):
             counts = counts[:-1].reshape(b, t)
             means = sums / jnp.maximum(counts, 1.0)[..., None]  # [b, slots, d]
             msg_valid = (counts > 0) & self.enabled[...]
-            _, s = delta_rule.write_chunked(s, self.features(means), msg_valid, c.chunk_size)
+            _, s = self._write(s, self.features(means), msg_valid)
             reads = jnp.where(valid[:, :, None, None], delta_rule.read(state.S, f.q), 0.0)
         return reads.reshape(b, t, c.width), MemoryState(S=s)
+
+    def _write(self, state, f: delta_rule.WriteInputs, valid):
+        """Many writes: the writer the config asks for (see `DeltaMemConfig.writer`)."""
+        c = self.config
+        chunked = c.writer == "chunked" or (c.writer == "auto" and jax.default_backend() != "cpu")
+        if chunked:
+            return delta_rule.write_chunked(state, f, valid, c.chunk_size)
+        return delta_rule.write_scan(state, f, valid)
 
     def correction(self, branch: str, reads: Float[Array, "b t R"], dtype) -> Array:
         """scale · W_Δ r: added to the raw projection of `branch` (q/k/v per head, o flat)."""

@@ -42,39 +42,42 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, std: float | None = 0.02, fill: f
 
 @struct.dataclass
 class KVCache:
-    """Keys and values of every layer, slot-major. New tokens go to slots [end, end+t).
+    """Keys and values of every layer. New tokens go to slots [end, end+t).
 
     Prompts of a batch are left-padded to a common length, so all rows share `end`;
     `valid` marks which slots hold real tokens.
     """
 
-    k: Array  # [l, b, s, k, h]
-    v: Array  # [l, b, s, k, h]
+    # Layouts chosen so both attention products contract over the minor axis (no
+    # per-step transposing copy of the cache): q·k over h, p·v over s.
+    k: Array  # [l, b, k, s, h]
+    v: Array  # [l, b, k, h, s]
     valid: Array  # [b, s] bool
     end: Array  # [] int32: slots in use
 
     @classmethod
     def create(cls, cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        lead = (cfg.num_layers, batch, cfg.num_kv_heads)
         return cls(
-            k=jnp.zeros(shape, cfg.jnp_dtype),
-            v=jnp.zeros(shape, cfg.jnp_dtype),
+            k=jnp.zeros(lead + (max_len, cfg.head_dim), cfg.jnp_dtype),
+            v=jnp.zeros(lead + (cfg.head_dim, max_len), cfg.jnp_dtype),
             valid=jnp.zeros((batch, max_len), bool),
             end=jnp.zeros((), jnp.int32),
         )
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     def append(self, k: Array, v: Array, valid: Array) -> KVCache:
         """Writes new keys/values `[l, b, t, k, h]` at slot `end` (in place under donation)."""
-        at = (0, 0, self.end, 0, 0)
+        k = k.transpose(0, 1, 3, 2, 4).astype(self.k.dtype)  # [l, b, k, t, h]
+        v = v.transpose(0, 1, 3, 4, 2).astype(self.v.dtype)  # [l, b, k, h, t]
         return KVCache(
-            k=jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), at),
-            v=jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), at),
+            k=jax.lax.dynamic_update_slice(self.k, k, (0, 0, 0, self.end, 0)),
+            v=jax.lax.dynamic_update_slice(self.v, v, (0, 0, 0, 0, self.end)),
             valid=jax.lax.dynamic_update_slice(self.valid, valid, (0, self.end)),
-            end=self.end + k.shape[2],
+            end=self.end + k.shape[3],  # k is [l, b, k, t, h] here
         )
 
 
@@ -163,12 +166,12 @@ class Attention(nnx.Module):
         scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
         scores = jnp.where(causal & valid[:, None, None, None, :], scores, _MASKED)
         if cache is not None:
-            ck, cv, cvalid = cache  # [b,s,k,h], [b,s,k,h], [b,s]
-            cs = jnp.einsum("btkgh,bskh->bkgts", qg, ck, preferred_element_type=jnp.float32)
+            ck, cv, cvalid = cache  # [b,k,s,h], [b,k,h,s], [b,s]
+            cs = jnp.einsum("btkgh,bksh->bkgts", qg, ck, preferred_element_type=jnp.float32)
             cs = jnp.where(cvalid[:, None, None, None, :], cs, _MASKED)
             probs = jax.nn.softmax(jnp.concatenate([cs, scores], axis=-1), axis=-1)
-            pc, ps = probs[..., : ck.shape[1]], probs[..., ck.shape[1] :]
-            out = jnp.einsum("bkgts,bskh->btkgh", pc.astype(cv.dtype), cv)
+            pc, ps = probs[..., : ck.shape[2]], probs[..., ck.shape[2] :]
+            out = jnp.einsum("bkgts,bkhs->btkgh", pc.astype(cv.dtype), cv)
             out = out + jnp.einsum("bkgts,bskh->btkgh", ps.astype(v.dtype), v)
         else:
             probs = jax.nn.softmax(scores, axis=-1)

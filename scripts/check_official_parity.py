@@ -12,6 +12,7 @@ exits 1 if a logit differs by more than 1e-4 or a state by more than 1e-5.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -28,10 +29,11 @@ from models.loading import load_pretrained
 LOGIT_TOL, STATE_TOL = 1e-4, 1e-5
 
 
-def run(fixture: Path) -> list[tuple[str, float, float]]:
+def run(fixture: Path, writer: str = "auto") -> list[tuple[str, float, float]]:
     """[(array name, max abs error, tolerance)] for every array the fixture holds."""
     model, cfg = load_pretrained(fixture / "backbone")
-    config = adapter.load_adapter(model, fixture / "adapter")
+    config = dataclasses.replace(adapter.load_adapter(model, fixture / "adapter"), writer=writer)
+    adapter.memory_of(model).config = config
     exp = dict(np.load(fixture / "expected.npz"))
     results = []
 
@@ -104,12 +106,13 @@ def run(fixture: Path) -> list[tuple[str, float, float]]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--fixture", type=Path, required=True, help="a fixture folder (backbone/, adapter/, expected.npz)")
+    p.add_argument("--writer", choices=["auto", "scan", "chunked"], default="auto", help="multi-token memory writer")
     args = p.parse_args(argv)
     for part in ("backbone", "adapter", "expected.npz"):
         if not (args.fixture / part).exists():
             print(f"error: {args.fixture} has no {part}", file=sys.stderr)
             return 2
-    results = run(args.fixture)
+    results = run(args.fixture, args.writer)
     failed = False
     for name, err, tol in results:
         ok = err <= tol

@@ -47,11 +47,12 @@ STOP_AT = 5  # index, in row 0's canonical reply, of the token used as a stop id
 
 
 def _load(scenario: str, chunk_size: int | None = None):
+    """The fixture model with the chunked writer forced (on CPU "auto" picks the scan), so
+    one-forward prefills here exercise the chunked form against step-by-step decode."""
     model, cfg = models.load_pretrained(FIXTURES / scenario / "backbone")
     load_adapter(model, FIXTURES / scenario / "adapter")
-    if chunk_size is not None:
-        mem = memory_of(model)
-        mem.config = dataclasses.replace(mem.config, chunk_size=chunk_size)
+    mem = memory_of(model)
+    mem.config = dataclasses.replace(mem.config, writer="chunked", chunk_size=chunk_size or mem.config.chunk_size)
     return model, cfg
 
 

@@ -51,9 +51,10 @@ def parity():
     return _load_script()
 
 
+@pytest.mark.parametrize("writer", ["scan", "chunked"])
 @pytest.mark.parametrize("scenario", sorted(EXPECTED_ARRAYS))
-def test_matches_official(parity, scenario):
-    results = parity.run(FIXTURES / scenario)
+def test_matches_official(parity, scenario, writer):
+    results = parity.run(FIXTURES / scenario, writer)
     names = [name for name, _, _ in results]
     assert len(names) == len(set(names)), f"an array was compared twice: {names}"
     assert set(names) == EXPECTED_ARRAYS[scenario]
