@@ -32,7 +32,7 @@ __all__ = [
     "write_step",
 ]
 
-from deltamem_jax.generate import Sampling, generate  # noqa: E402
+from deltamem_jax.decoding import Sampling, generate  # noqa: E402
 from deltamem_jax.session import Mode, Session  # noqa: E402
 
 __all__ += ["Mode", "Sampling", "Session", "generate"]

@@ -8,7 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from deltamem_jax.generate import Sampling
+from deltamem_jax.decoding import Sampling
 
 
 def _sampling(args) -> Sampling:
@@ -44,7 +44,7 @@ def _attach(model, args) -> str:
 
 
 def cmd_generate(args) -> int:
-    from deltamem_jax.generate import generate
+    from deltamem_jax.decoding import generate
 
     model, tok = _load(args)
     note = _attach(model, args)

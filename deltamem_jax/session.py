@@ -28,7 +28,7 @@ from flax import nnx
 
 from deltamem_jax.adapter import attach, load_adapter, memory_of
 from deltamem_jax.config import DeltaMemConfig, WriteGranularity
-from deltamem_jax.generate import DecodeState, Sampling, bucket, left_pad, prefill, stream
+from deltamem_jax.decoding import DecodeState, Sampling, bucket, left_pad, prefill, stream
 from deltamem_jax.memory import MemoryParam
 from deltamem_jax.state import MemoryState, WriteControl, WriteMode
 from models.decoder import Decoder, KVCache

@@ -1,4 +1,4 @@
-"""Tests of generation with memory (`deltamem_jax.generate`) on the tiny official fixtures.
+"""Tests of generation with memory (`deltamem_jax.decoding`) on the tiny official fixtures.
 
 The reference for everything the decode loop does is ONE `forward` over the whole
 sequence (prompt + generated tokens), unpadded, from a zero memory with TOKENS writes:
@@ -27,12 +27,10 @@ import pytest
 
 import models
 from deltamem_jax import DeltaMemConfig, MemoryState, attach, forward, load_adapter, memory_of
-from deltamem_jax.generate import DecodeState, Sampling, bucket, decode, generate, left_pad, prefill, sample, stream
+from deltamem_jax.decoding import DecodeState, Sampling, bucket, decode, generate, left_pad, prefill, sample, stream
 from models.decoder import KVCache
 
-# The package re-exports the function `generate`, which shadows the submodule attribute
-# `deltamem_jax.generate`; the module itself (for `_decode`) comes from sys.modules.
-gen_module = importlib.import_module("deltamem_jax.generate")
+gen_module = importlib.import_module("deltamem_jax.decoding")  # for its private `_decode`
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "official_tiny"
 
