@@ -1,5 +1,7 @@
 """δ-mem in JAX/Flax NNX: a tiny online associative memory for frozen decoder LLMs."""
 
+from deltamem_jax import _xla_flags  # noqa: F401  (first: before JAX starts its CPU backend)
+
 from deltamem_jax.adapter import attach, detach, load_adapter, memory_of, save_adapter
 from deltamem_jax.config import DeltaMemConfig, OutputInit, UpdateMode, WriteGranularity
 from deltamem_jax.delta_rule import WriteInputs, read, write_chunked, write_scan, write_step
