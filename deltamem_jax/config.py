@@ -52,9 +52,9 @@ class DeltaMemConfig:
     base_slice_width: int = 8
     beta_bias_init: float = -1.5
     # Multi-token writer (not official fields). "auto": the token scan on CPU, where the
-    # 8×8 recurrence costs microseconds per token and the chunked form does ~100× more
-    # arithmetic (scripts/bench_writers.py); the chunked form on GPU/TPU, where a long
-    # sequential loop is what costs.
+    # 8×8 recurrence costs microseconds per token and the chunked form, which builds
+    # [c, c] matrices per state row, measured slower at every size here, 1.04–73× (scripts/bench_writers.py);
+    # the chunked form on GPU/TPU, where a long sequential loop is what costs.
     writer: str = "auto"  # auto | scan | chunked
     chunk_size: int = 64  # chunk length of the chunked writer
 
