@@ -209,8 +209,8 @@ def generate(
     """Generates for a batch of prompts (token ids). Returns replies (stop token included)
     and the memory after the prompts and replies were written.
 
-    `memory=None` with δ-mem attached starts from a zero memory; pass `False`-y
-    `MemoryState` explicitly to continue one. A plain backbone (no δ-mem) ignores memory.
+    With δ-mem attached, `memory=None` starts from a zero memory and a `MemoryState`
+    continues that one. A plain backbone (no δ-mem) has no memory and returns None.
     """
     from deltamem_jax.memory import DeltaMemAttention
 
