@@ -131,20 +131,20 @@ class Session:
             full = self._render(system + self.history + [message], generation_prompt=answer)
             if not full.startswith(self.fed_text):
                 raise RuntimeError("the chat template does not extend the conversation in the cache")
-            segments = [(full[len(self.fed_text) :], write)]
+            segments = [(self.tokenizer.encode(full[len(self.fed_text) :]), write)]
             cache, position = self.cache, self.position
         else:
             sys_text = self._render(system, generation_prompt=False)
             full = self._render(system + [message], generation_prompt=answer)
             if not full.startswith(sys_text):
                 raise RuntimeError("the chat template does not start with its system message")
-            segments = [(sys_text, False), (full[len(sys_text) :], write)]
-            n = sum(len(self.tokenizer.encode(t)) for t, _ in segments)
-            cache, position = KVCache.create(self.model.cfg, 1, bucket(n) + 64 + bucket(self.max_new_tokens)), 0
+            segments = [(self.tokenizer.encode(t), w) for t, w in ((sys_text, False), (full[len(sys_text) :], write))]
+            room = sum(self._padded_len(ids) for ids, _ in segments) + bucket(self.max_new_tokens)
+            cache, position = KVCache.create(self.model.cfg, 1, room), 0
         memory = self.memory
         state = None
-        for text, seg_write in segments:
-            state, cache, memory, position = self._prefill(text, seg_write, cache, memory, position)
+        for ids, seg_write in segments:
+            state, cache, memory, position = self._prefill(ids, seg_write, cache, memory, position)
         reply_ids: list[int] = []
         if answer:
             finals: list[DecodeState] = []
@@ -172,11 +172,14 @@ class Session:
                 if answer:
                     self.history.append({"role": "assistant", "content": self.tokenizer.decode(reply_ids)})
 
-    def _prefill(self, text: str, write: bool, cache: KVCache, memory: MemoryState, position: int):
-        """Feeds `text` in segments (progress logged for long inputs)."""
-        ids = self.tokenizer.encode(text)
+    def _padded_len(self, ids: list[int]) -> int:
+        """Cache slots `_prefill` uses for `ids` (each prefill segment is bucketed)."""
         step = self.prefill_segment
-        need = sum(bucket(len(ids[i : i + step])) for i in range(0, len(ids), step))
+        return sum(bucket(len(ids[i : i + step])) for i in range(0, len(ids), step))
+
+    def _prefill(self, ids: list[int], write: bool, cache: KVCache, memory: MemoryState, position: int):
+        """Feeds token `ids` in segments (progress logged for long inputs)."""
+        need = self._padded_len(ids)
         if int(cache.end) + need > cache.max_len:
             raise ValueError(
                 f"{len(ids)} new tokens (padded to {need}) do not fit: {cache.max_len - int(cache.end)} "
