@@ -1,4 +1,4 @@
-"""The `deltamem-jax` command: generate, chat, demo."""
+"""The `deltamem-jax` command: generate, chat, demo, train."""
 
 from __future__ import annotations
 
@@ -15,17 +15,17 @@ def _sampling(args) -> Sampling:
     return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
 
-def _load(args):
-    """(model, tokenizer) from --model (a HF folder or a GGUF file; default: embedded SmolLM2)."""
+def load_backbone(model: str | None = None, dtype: str = "float32"):
+    """(model, tokenizer) from a HF folder or a GGUF file (default: embedded SmolLM2)."""
     from models.loading import load_gguf, load_pretrained
     from models.tokenizer import Tokenizer
 
-    if args.model is None or str(args.model).endswith(".gguf"):
-        model, _, tok = load_gguf(args.model)
+    if model is None or str(model).endswith(".gguf"):
+        backbone, _, tok = load_gguf(model, dtype=dtype)
     else:
-        model, _ = load_pretrained(args.model)
-        tok = Tokenizer.from_pretrained(args.model)
-    return model, tok
+        backbone, _ = load_pretrained(model, dtype=dtype)
+        tok = Tokenizer.from_pretrained(model)
+    return backbone, tok
 
 
 def _attach(model, args) -> str:
@@ -46,7 +46,7 @@ def _attach(model, args) -> str:
 def cmd_generate(args) -> int:
     from deltamem_jax.decoding import generate
 
-    model, tok = _load(args)
+    model, tok = load_backbone(args.model)
     note = _attach(model, args)
     print(f"[{note}]", file=sys.stderr)
     prompts = [tok.encode_chat([{"role": "user", "content": p}]) if args.chat else tok.encode(p) for p in args.prompt]
@@ -178,6 +178,12 @@ def main(argv=None) -> int:
     d.add_argument("--session", help="folder for the saved session (default: a temp folder)")
     d.add_argument("--max-new-tokens", type=int, default=32)
     d.set_defaults(fn=cmd_demo)
+
+    from deltamem_jax.training import cli as train_cli
+
+    t = sub.add_parser("train", help="train a δ-mem adapter on personal-memory episodes (resumable)")
+    train_cli.add_arguments(t)
+    t.set_defaults(fn=train_cli.run)
 
     args = p.parse_args(argv)
     return args.fn(args)

@@ -106,7 +106,9 @@ class DeltaMem(nnx.Module):
         b, t, _ = x.shape
         valid = valid & self.enabled[...]
         f = self.features(x)
-        s = state.S
+        s, stats = state.S, state.gate_stats
+        if stats is not None and control.mode == WriteMode.TOKENS:
+            stats = stats + _gate_sums(f.beta, valid)
         if control.mode == WriteMode.READ_ONLY:
             reads = jnp.where(valid[:, :, None, None], delta_rule.read(s, f.q), 0.0)
         elif control.mode == WriteMode.TOKENS:
@@ -124,9 +126,12 @@ class DeltaMem(nnx.Module):
             counts = counts[:-1].reshape(b, t)
             means = sums / jnp.maximum(counts, 1.0)[..., None]  # [b, slots, d]
             msg_valid = (counts > 0) & self.enabled[...]
-            _, s = self._write(s, self.features(means), msg_valid)
+            fm = self.features(means)
+            _, s = self._write(s, fm, msg_valid)
+            if stats is not None:
+                stats = stats + _gate_sums(fm.beta, msg_valid)
             reads = jnp.where(valid[:, :, None, None], delta_rule.read(state.S, f.q), 0.0)
-        return reads.reshape(b, t, c.width), MemoryState(S=s)
+        return reads.reshape(b, t, c.width), MemoryState(S=s, gate_stats=stats)
 
     def _write(self, state, f: delta_rule.WriteInputs, valid):
         """Many writes: the writer the config asks for (see `DeltaMemConfig.writer`)."""
@@ -141,6 +146,12 @@ class DeltaMem(nnx.Module):
         w = getattr(self, f"delta_{branch}")[...]  # [R, ...]
         out = jnp.tensordot(reads, w, axes=1, precision=jax.lax.Precision.HIGHEST)
         return (self.config.scale * out).astype(dtype)
+
+
+def _gate_sums(beta: Float[Array, "b t m r"], valid: Bool[Array, "b t"]) -> Float[Array, "b 2"]:
+    """Per row: the sum over written tokens of the mean gate, and the number of those tokens."""
+    w = valid.astype(jnp.float32)
+    return jnp.stack([jnp.sum(jnp.mean(beta, axis=(2, 3)) * w, axis=1), jnp.sum(w, axis=1)], axis=-1)
 
 
 def _init_delta(c: DeltaMemConfig, base: Array, key) -> Array:

@@ -134,11 +134,8 @@ class Session:
             segments = [(self.tokenizer.encode(full[len(self.fed_text) :]), write)]
             cache, position = self.cache, self.position
         else:
-            sys_text = self._render(system, generation_prompt=False)
-            full = self._render(system + [message], generation_prompt=answer)
-            if not full.startswith(sys_text):
-                raise RuntimeError("the chat template does not start with its system message")
-            segments = [(self.tokenizer.encode(t), w) for t, w in ((sys_text, False), (full[len(sys_text) :], write))]
+            sys_ids, turn_ids = memory_only_turn(self.tokenizer, self.system_prompt, message, answer)
+            segments = [(sys_ids, False), (turn_ids, write)]
             room = sum(self._padded_len(ids) for ids, _ in segments) + bucket(self.max_new_tokens)
             cache, position = KVCache.create(self.model.cfg, 1, room), 0
         memory = self.memory
@@ -191,13 +188,7 @@ class Session:
             seg = ids[i : i + self.prefill_segment]
             tokens, positions, valid = left_pad([seg], bucket(len(seg)))
             positions = positions + position
-            if not write:
-                control = WriteControl(WriteMode.READ_ONLY)
-            elif self.config.write_granularity == WriteGranularity.MESSAGE_MEAN:
-                msg = jnp.where(valid, self.next_message_id, -1)
-                control = WriteControl.messages(msg, valid)
-            else:
-                control = WriteControl(WriteMode.TOKENS)
+            control = write_control(self.config, valid, self.next_message_id) if write else WriteControl(WriteMode.READ_ONLY)
             state = prefill(self.model, tokens, positions, valid, cache, memory, control)
             cache, memory, position = state.cache, state.memory, position + len(seg)
             if len(ids) > self.prefill_segment:
@@ -277,6 +268,28 @@ class Session:
         return session
 
 
+def memory_only_turn(tokenizer: Tokenizer, system_prompt: str, message: dict, generation_prompt: bool) -> tuple[list[int], list[int]]:
+    """Token ids of one memory-only turn: the system segment (read, never written) and the turn.
+
+    The turn is rendered by the chat template after the system message, with the
+    assistant's generation prompt when an answer follows. Training renders its episodes
+    with this function too, so what it writes is exactly what a session writes.
+    """
+    system = [{"role": "system", "content": system_prompt}]
+    sys_text = tokenizer.apply_chat_template(system, add_generation_prompt=False)
+    full = tokenizer.apply_chat_template(system + [message], add_generation_prompt=generation_prompt)
+    if not full.startswith(sys_text):
+        raise RuntimeError("the chat template does not start with its system message")
+    return tokenizer.encode(sys_text), tokenizer.encode(full[len(sys_text) :])
+
+
+def write_control(config: DeltaMemConfig, valid: jax.Array, message_id: int | jax.Array = 0) -> WriteControl:
+    """How a written segment uses the memory: per-token writes, or (SSW) one message per segment."""
+    if config.write_granularity == WriteGranularity.MESSAGE_MEAN:
+        return WriteControl.messages(jnp.where(valid, message_id, -1), valid)
+    return WriteControl(WriteMode.TOKENS)
+
+
 def _fingerprint(model: Decoder) -> dict[str, str]:
     """Identifies the backbone (config + a sample of weights) and the adapter (all of it)."""
     import dataclasses
@@ -290,4 +303,4 @@ def _fingerprint(model: Decoder) -> dict[str, str]:
     return {"model": f"{model.cfg.family}-{model.cfg.num_layers}x{model.cfg.hidden_size}-{h.hexdigest()[:16]}", "adapter": a.hexdigest()}
 
 
-__all__ = ["Mode", "Session"]
+__all__ = ["Mode", "Session", "memory_only_turn", "write_control"]

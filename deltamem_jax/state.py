@@ -22,11 +22,15 @@ class MemoryState:
     """Every layer's memory, float32 `[layers, batch, sub_states, r, r]` (rows = values)."""
 
     S: Float[Array, "l b m r r"]
+    # Training only (None when serving): per layer and row, the sum of the mean write gate
+    # β over written tokens and their count, for the official β regularizer.
+    gate_stats: Float[Array, "l b 2"] | None = None
 
     @classmethod
-    def zeros(cls, num_layers: int, batch: int, config: DeltaMemConfig) -> MemoryState:
+    def zeros(cls, num_layers: int, batch: int, config: DeltaMemConfig, gate_stats: bool = False) -> MemoryState:
         r = config.rank
-        return cls(S=jnp.zeros((num_layers, batch, config.num_state_heads, r, r), jnp.float32))
+        stats = jnp.zeros((num_layers, batch, 2), jnp.float32) if gate_stats else None
+        return cls(S=jnp.zeros((num_layers, batch, config.num_state_heads, r, r), jnp.float32), gate_stats=stats)
 
     @property
     def batch(self) -> int:
@@ -35,8 +39,8 @@ class MemoryState:
     def reset(self, rows: Bool[Array, "b"] | None = None) -> MemoryState:
         """Zeros the memory of every batch row, or of the rows where `rows` is True."""
         if rows is None:
-            return MemoryState(S=jnp.zeros_like(self.S))
-        return MemoryState(S=jnp.where(rows[None, :, None, None, None], 0.0, self.S))
+            return self.replace(S=jnp.zeros_like(self.S))
+        return self.replace(S=jnp.where(rows[None, :, None, None, None], 0.0, self.S))
 
 
 @struct.dataclass

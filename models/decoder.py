@@ -252,8 +252,14 @@ class Decoder(nnx.Module):
         control: Any = None,  # passed to every attention unchanged (e.g. δ-mem write mode)
         attend_cache: bool = True,  # False: the cache is known empty (a fresh prefill)
         last_only: bool = False,  # logits of the last token only
+        head: bool = True,  # False: return the final-normed hidden states [b, t, d], no logits
+        remat: bool = False,  # recompute each layer in the backward pass (training memory)
     ) -> tuple[Array, KVCache, Any]:
-        """Returns logits [b, t, v] (or [b, 1, v]), the extended cache and the new memory."""
+        """Returns logits [b, t, v] (or [b, 1, v]), the extended cache and the new memory.
+
+        With `head=False` the first output is the hidden state that `logits` maps to the
+        vocabulary, so a write pass that needs no logits never computes them.
+        """
         x = self.embed[...][tokens]  # [b, t, d]
         graphdef, per_layer = nnx.split(self.layers)
         cache_xs = (cache.k, cache.v) if attend_cache else None
@@ -265,13 +271,17 @@ class Decoder(nnx.Module):
             x, kv, mem = layer(x, positions, valid, c, mem, control)
             return x, (kv, mem)
 
+        if remat:
+            one_layer = jax.checkpoint(one_layer)
         x, ((k, v), memory) = jax.lax.scan(one_layer, x, (per_layer, cache_xs, memory))
         cache = cache.append(k, v, valid)
         if last_only:
             x = x[:, -1:]
         x = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
+        return (self.logits(x) if head else x), cache, memory
+
+    def logits(self, x: Array) -> Array:
+        """Vocabulary logits (float32) of final-normed hidden states `[..., d]`."""
         if self.cfg.tie_word_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, self.embed[...], preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...], preferred_element_type=jnp.float32)
-        return logits, cache, memory
+            return jnp.einsum("...d,vd->...v", x, self.embed[...], preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,dv->...v", x, self.lm_head[...], preferred_element_type=jnp.float32)

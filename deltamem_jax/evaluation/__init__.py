@@ -1,0 +1,1 @@
+"""Evaluation: recall of told facts, perplexity."""

@@ -1,0 +1,1 @@
+"""Training the memory: episodes, their rendering, the loss and step, the loop."""

@@ -1,0 +1,122 @@
+"""Episodes → fixed-shape token arrays, rendered exactly as `Session` renders them.
+
+`session` protocol: every history turn is a memory-only turn of `Session.remember`
+(`memory_only_turn(..., generation_prompt=False)`: the system segment, read, then the
+turn, written), and the question is a memory-only turn of `Session.ask` (system prompt +
+question with the generation prompt, read only) followed by the answer and the stop
+token, the targets of the loss.
+
+`official` protocol (spec §5): the whole history rendered as one chat (system + user
+turns) is written in one pass; the read pass is the same as above.
+
+All shapes are fixed by a `Layout`, so one compilation serves a whole run; padding
+(left, as in `decoding.left_pad`) neither attends nor writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+from flax import struct
+
+from deltamem_jax.decoding import bucket, left_pad
+from deltamem_jax.session import DEFAULT_SYSTEM, memory_only_turn
+from deltamem_jax.training.data import Episode
+from models.tokenizer import Tokenizer
+
+PROTOCOLS = ("session", "official")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Padded lengths of every part of a batch."""
+
+    max_turns: int = 9  # history turns (session protocol)
+    turn_len: int = 32  # tokens of one history turn (without the system segment)
+    history_len: int = 512  # tokens of the whole rendered history (official protocol)
+    read_len: int = 64  # system + question + answer + stop token
+    answer_len: int = 16  # answer tokens + stop token (the positions that get logits)
+
+
+@struct.dataclass
+class Segment:
+    """Left-padded tokens of a batch of segments; positions start where `offset` says."""
+
+    tokens: np.ndarray  # [..., t] int32
+    positions: np.ndarray  # [..., t] int32
+    valid: np.ndarray  # [..., t] bool
+
+
+@struct.dataclass
+class Batch:
+    system: Segment  # [b, s]: the system segment each memory-only turn starts with
+    turns: Segment | None  # [b, T, t] (session) — a turn of padding writes nothing
+    history: Segment | None  # [b, h] (official)
+    read: Segment  # [b, r]: system + question + answer + stop
+    target_index: np.ndarray  # [b, a] int32: read positions whose next token is a target
+    targets: np.ndarray  # [b, a] int32
+    target_mask: np.ndarray  # [b, a] bool
+
+
+def _segment(ids: Sequence[Sequence[int]], length: int, offset: np.ndarray | int = 0, what: str = "segment") -> Segment:
+    for i, p in enumerate(ids):
+        if len(p) > length:
+            raise ValueError(f"{what} {i} has {len(p)} tokens, more than its padded length {length}; raise the Layout")
+    tokens, positions, valid = (np.asarray(a) for a in left_pad(ids, length))
+    return Segment(tokens, positions + np.asarray(offset, np.int32)[..., None], valid)
+
+
+class Renderer:
+    """Turns episodes into `Batch`es for one tokenizer, system prompt and layout."""
+
+    def __init__(self, tokenizer: Tokenizer, layout: Layout = Layout(), system_prompt: str = DEFAULT_SYSTEM):
+        self.tokenizer, self.layout, self.system_prompt = tokenizer, layout, system_prompt
+        self.system_ids, _ = memory_only_turn(tokenizer, system_prompt, {"role": "user", "content": ""}, False)
+        self.system_len = bucket(len(self.system_ids))  # as `Session` pads it
+        self.stop_id = tokenizer.eos_ids[0] if tokenizer.eos_ids else tokenizer.eos_id
+
+    def turn_ids(self, text: str) -> list[int]:
+        """A history turn as `Session.remember` writes it."""
+        return memory_only_turn(self.tokenizer, self.system_prompt, {"role": "user", "content": text}, False)[1]
+
+    def question_ids(self, text: str) -> list[int]:
+        """A question as `Session.ask` reads it (after the system segment)."""
+        return memory_only_turn(self.tokenizer, self.system_prompt, {"role": "user", "content": text}, True)[1]
+
+    def history_ids(self, ep: Episode) -> list[int]:
+        messages = [{"role": "system", "content": self.system_prompt}] + [{"role": "user", "content": t} for t in ep.turns]
+        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=False))
+
+    def batch(self, eps: Sequence[Episode], protocol: str = "session") -> Batch:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        L, b = self.layout, len(eps)
+        system = _segment([self.system_ids] * b, self.system_len, what="system prompt")
+        turns = history = None
+        if protocol == "session":
+            if max(len(e.turns) for e in eps) > L.max_turns:
+                raise ValueError(f"an episode has more than {L.max_turns} turns; raise Layout.max_turns")
+            ids = [[self.turn_ids(t) for t in e.turns] + [[]] * (L.max_turns - len(e.turns)) for e in eps]
+            flat = _segment([t for row in ids for t in row], L.turn_len, len(self.system_ids), what="history turn")
+            turns = Segment(*(a.reshape(b, L.max_turns, L.turn_len) for a in (flat.tokens, flat.positions, flat.valid)))
+        else:
+            history = _segment([self.history_ids(e) for e in eps], L.history_len, what="history")
+        reads, index, targets, mask = [], np.zeros((b, L.answer_len), np.int32), np.zeros((b, L.answer_len), np.int32), np.zeros((b, L.answer_len), bool)
+        for i, e in enumerate(eps):
+            prompt = self.system_ids + self.question_ids(e.question)
+            answer = self.tokenizer.encode(e.answer) + [self.stop_id]
+            if len(answer) > L.answer_len:
+                raise ValueError(f"answer of {len(answer)} tokens (stop included) exceeds Layout.answer_len={L.answer_len}")
+            seq = prompt + answer
+            reads.append(seq)
+            start = L.read_len - len(seq) + len(prompt) - 1  # left padding: the position predicting answer[0]
+            index[i, : len(answer)] = np.arange(start, start + len(answer))
+            targets[i, : len(answer)] = answer
+            mask[i, : len(answer)] = True
+        read = _segment(reads, L.read_len, what="question and answer")
+        return Batch(system, turns, history, read, index, targets, mask)
+
+
+__all__ = ["Batch", "Layout", "PROTOCOLS", "Renderer", "Segment"]

@@ -1,0 +1,88 @@
+"""`deltamem-jax train` / `python scripts/train.py`: train a δ-mem adapter on personal-memory episodes."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="run folder (checkpoints, metrics, plot, adapter); rerun to resume")
+    p.add_argument("--model", help="HF checkpoint folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="backbone dtype (float32 on CPU: XLA CPU bf16 matmuls are ~8x slower)")
+    p.add_argument("--protocol", default="session", choices=["session", "official"])
+    p.add_argument("--steps", type=int, default=2000, help="optimizer updates")
+    p.add_argument("--batch-size", type=int, default=8, help="episodes per micro-batch")
+    p.add_argument("--accumulate", type=int, default=1, help="micro-batches per update")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=float, default=0.05, help="fraction of steps")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--sub-states", type=int, default=1, help="1 = TSW/SSW, 4 = MSW")
+    p.add_argument("--granularity", default="token", choices=["token", "message_mean"], help="message_mean = SSW")
+    p.add_argument("--branches", default="q,o", help="corrected projections, e.g. q,o or q,k,v,o")
+    p.add_argument("--min-facts", type=int, default=1)
+    p.add_argument("--max-facts", type=int, default=6)
+    p.add_argument("--turn-len", type=int, default=32)
+    p.add_argument("--no-remat", action="store_true", help="keep activations instead of recomputing each layer")
+    p.add_argument("--checkpoint-every", type=int, default=25)
+    p.add_argument("--keep", type=int, default=3)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-episodes", type=int, default=32)
+    p.add_argument("--init-adapter", help="start from this adapter folder instead of a fresh init")
+    p.add_argument("--stop-after", type=int, help="end this invocation after N micro-steps (resumable)")
+    p.add_argument("--time-limit", type=float, help="end this invocation after N seconds (resumable)")
+    p.add_argument("--install-default", action="store_true", help="copy the exported adapter to the package's default adapter folder")
+
+
+def config_from_args(a) -> "TrainConfig":
+    from deltamem_jax.config import DeltaMemConfig
+    from deltamem_jax.training.batches import Layout
+    from deltamem_jax.training.data import EpisodeConfig
+    from deltamem_jax.training.loop import TrainConfig
+    from deltamem_jax.training.step import OptimConfig
+
+    episodes = EpisodeConfig(min_facts=a.min_facts, max_facts=a.max_facts)
+    return TrainConfig(
+        protocol=a.protocol, batch_size=a.batch_size, seed=a.seed,
+        optim=OptimConfig(learning_rate=a.lr, steps=a.steps, warmup=a.warmup, weight_decay=a.weight_decay, clip=a.clip, accumulate=a.accumulate),
+        episodes=episodes, layout=Layout(max_turns=episodes.max_turns, turn_len=a.turn_len),
+        memory=DeltaMemConfig(rank=a.rank, num_state_heads=a.sub_states, write_granularity=a.granularity, branches=tuple(a.branches.split(","))),
+        remat=not a.no_remat, checkpoint_every=a.checkpoint_every, keep=a.keep, eval_every=a.eval_every, eval_episodes=a.eval_episodes,
+    )  # fmt: skip
+
+
+def run(a) -> int:
+    import shutil
+
+    from deltamem_jax.cli import load_backbone
+    from deltamem_jax.session import DEFAULT_ADAPTER
+    from deltamem_jax.training.loop import train
+
+    config = config_from_args(a)
+    model, tok = load_backbone(a.model, a.dtype)
+    command = "deltamem-jax train " + " ".join(shlex.quote(x) for x in sys.argv[2 if sys.argv[1:2] == ["train"] else 1 :])
+    summary = train(config, a.out, model, tok, init_adapter=a.init_adapter, stop_after=a.stop_after, time_limit=a.time_limit, command=command)
+    print(json.dumps(summary, indent=2, default=str))
+    if a.install_default:
+        if summary["steps"] < summary["total"]:
+            print("not installing: the run has not finished", file=sys.stderr)
+            return 1
+        shutil.rmtree(DEFAULT_ADAPTER, ignore_errors=True)
+        shutil.copytree(summary["adapter"], DEFAULT_ADAPTER)
+        print(f"installed as the default adapter: {DEFAULT_ADAPTER}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="train", description=__doc__)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+__all__ = ["add_arguments", "config_from_args", "main", "run"]

@@ -1,0 +1,161 @@
+"""The episode loss and the jitted train step (only `MemoryParam`s are differentiated).
+
+The model is split into (graphdef, trainable memory parameters, frozen rest). The
+frozen backbone goes into the compiled step as an ordinary argument, so XLA neither
+constant-folds it nor differentiates it, and the optimizer never sees it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from deltamem_jax.adapter import memory_of
+from deltamem_jax.memory import MemoryParam
+from deltamem_jax.session import write_control
+from deltamem_jax.state import MemoryState, WriteControl, WriteMode
+from deltamem_jax.training.batches import Batch, Segment
+from models.decoder import Decoder, KVCache
+
+BETA_TARGET, BETA_WEIGHT = 0.05, 0.01  # official regularizer: 0.01 · mean_l (mean β_l − 0.05)²
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 2e-3
+    steps: int = 1000  # optimizer updates
+    warmup: float = 0.1  # fraction of steps
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    accumulate: int = 1  # micro-batches per update
+
+
+def make_optimizer(c: OptimConfig) -> optax.GradientTransformation:
+    """AdamW with linear warmup + cosine decay and global-norm clipping (optionally accumulated)."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, c.learning_rate, max(1, int(c.warmup * c.steps)), max(c.steps, 2), end_value=0.1 * c.learning_rate
+    )
+    tx = optax.chain(optax.clip_by_global_norm(c.clip), optax.adamw(schedule, weight_decay=c.weight_decay))
+    return optax.MultiSteps(tx, every_k_schedule=c.accumulate) if c.accumulate > 1 else tx
+
+
+def split_model(model: Decoder) -> tuple[Any, nnx.State, nnx.State]:
+    """(graphdef, trainable memory parameters, frozen rest of the model)."""
+    return nnx.split(model, MemoryParam, ...)
+
+
+def write_pass(model: Decoder, batch: Batch, memory: MemoryState, remat: bool) -> MemoryState:
+    """Writes an episode's history into `memory` as its protocol says; no logits computed."""
+    config = memory_of(model).config
+    if batch.history is not None:  # official: the whole history in one pass
+        h = batch.history
+        cache = KVCache.create(model.cfg, h.tokens.shape[0], h.tokens.shape[1])
+        _, _, memory = model(h.tokens, h.positions, h.valid, cache, memory, write_control(config, h.valid),
+                             attend_cache=False, head=False, remat=remat)  # fmt: skip
+        return memory
+    sys = batch.system
+    b, s = sys.tokens.shape
+
+    def one_turn(memory: MemoryState, turn: Segment):
+        # a fresh context per turn, as `Session` runs a memory-only `remember`
+        cache = KVCache.create(model.cfg, b, s + turn.tokens.shape[1])
+        _, cache, memory = model(sys.tokens, sys.positions, sys.valid, cache, memory, WriteControl(WriteMode.READ_ONLY),
+                                 attend_cache=False, head=False, remat=remat)  # fmt: skip
+        _, _, memory = model(turn.tokens, turn.positions, turn.valid, cache, memory, write_control(config, turn.valid),
+                             head=False, remat=remat)  # fmt: skip
+        return memory, None
+
+    turns = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), batch.turns)  # [T, b, t]
+    memory, _ = jax.lax.scan(one_turn, memory, turns)
+    return memory
+
+
+def answer_loss(model: Decoder, batch: Batch, memory: MemoryState | None, remat: bool) -> tuple[jax.Array, jax.Array]:
+    """Read pass (writes off) over system + question + answer: summed answer cross-entropy
+    and the number of answer tokens. Logits only at the answer positions."""
+    r = batch.read
+    cache = KVCache.create(model.cfg, r.tokens.shape[0], r.tokens.shape[1])
+    hidden, _, _ = model(r.tokens, r.positions, r.valid, cache, memory, WriteControl(WriteMode.READ_ONLY),
+                         attend_cache=False, head=False, remat=remat)  # fmt: skip
+    picked = jnp.take_along_axis(hidden, batch.target_index[..., None], axis=1)  # [b, a, d]
+    logits = model.logits(picked)  # [b, a, v]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch.targets)
+    mask = batch.target_mask.astype(jnp.float32)
+    return jnp.sum(ce * mask), jnp.sum(mask)
+
+
+def beta_penalty(memory: MemoryState) -> jax.Array:
+    """Official regularizer: mean over layers of (mean write gate − 0.05)²."""
+    sums = jnp.sum(memory.gate_stats, axis=1)  # [l, 2]
+    mean_beta = sums[:, 0] / jnp.maximum(sums[:, 1], 1.0)
+    return BETA_WEIGHT * jnp.mean((mean_beta - BETA_TARGET) ** 2)
+
+
+def episode_loss(params: nnx.State, frozen: nnx.State, graphdef, batch: Batch, remat: bool = True):
+    """Mean answer cross-entropy per token (+ β regularizer for the official protocol)."""
+    model = nnx.merge(graphdef, params, frozen)
+    official = batch.history is not None
+    b = batch.read.tokens.shape[0]
+    memory = MemoryState.zeros(model.cfg.num_layers, b, memory_of(model).config, gate_stats=official)
+    memory = write_pass(model, batch, memory, remat)
+    ce_sum, count = answer_loss(model, batch, memory, remat)
+    ce = ce_sum / jnp.maximum(count, 1.0)
+    penalty = beta_penalty(memory) if official else jnp.zeros(())
+    return ce + penalty, {"ce": ce, "beta_penalty": penalty, "answer_tokens": count}
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, remat: bool = True):
+    """`step(params, opt_state, frozen, batch) -> (params, opt_state, metrics)`, jitted once.
+
+    Gradients are taken with respect to `params` (the memory) only; `frozen` is an
+    argument, never differentiated and never given optimizer state.
+    """
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, frozen, batch):
+        (loss, aux), grads = jax.value_and_grad(episode_loss, has_aux=True)(params, frozen, graphdef, batch, remat)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+
+    return step
+
+
+def make_eval_loss(graphdef):
+    """Jitted `(params, frozen, batch) -> metrics` with the same loss, no update."""
+
+    @jax.jit
+    def evaluate(params, frozen, batch):
+        loss, aux = episode_loss(params, frozen, graphdef, batch, remat=False)
+        return {"loss": loss, **aux}
+
+    return evaluate
+
+
+def make_recall_probe(graphdef):
+    """Jitted held-out answer CE with three memories: the episode's own ("matched"),
+    another episode's (the batch rolled by one: "other") and none ("empty", the frozen
+    model). Only matched − other is recall; other − empty is format learned from any state."""
+
+    @jax.jit
+    def probe(params, frozen, batch):
+        model = nnx.merge(graphdef, params, frozen)
+        b = batch.read.tokens.shape[0]
+        memory = write_pass(model, batch, MemoryState.zeros(model.cfg.num_layers, b, memory_of(model).config), False)
+        other = MemoryState(S=jnp.roll(memory.S, 1, axis=1))
+        out = {}
+        for name, mem in (("matched", memory), ("other", other), ("empty", None)):
+            ce_sum, count = answer_loss(model, batch, mem, False)
+            out[name] = ce_sum / jnp.maximum(count, 1.0)
+        return out
+
+    return probe
+
+
+__all__ = ["make_recall_probe", "OptimConfig", "answer_loss", "beta_penalty", "episode_loss", "make_eval_loss", "make_optimizer", "make_train_step", "split_model", "write_pass"]

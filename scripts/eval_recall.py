@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Recall of told facts on held-out episodes, five conditions, plus the perplexity ratio.
+
+See `deltamem_jax/evaluation/recall.py` for the conditions and the scoring. Episodes are
+the `eval` split (values and phrasings never seen in training), seed `--seed`.
+
+Usage:
+  python scripts/eval_recall.py --json out.json                # 200 episodes, default adapter
+  python scripts/eval_recall.py --limit 40 --adapter runs/x/adapter --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax.numpy as jnp
+
+from deltamem_jax.adapter import load_adapter
+from deltamem_jax.cli import load_backbone
+from deltamem_jax.evaluation.recall import CONDITIONS, RecallEvaluator, correct, perplexity, plain_text_chunks, summarize, token_f1
+from deltamem_jax.session import DEFAULT_ADAPTER
+from deltamem_jax.training.data import EpisodeConfig, episodes
+
+LOCOMO = "../shared/data/locomo/locomo10.json"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", help="summary output")
+    p.add_argument("--records", help="per-episode answers (JSONL)")
+    p.add_argument("--adapter", default=str(DEFAULT_ADAPTER))
+    p.add_argument("--model", help="HF folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--episodes", type=int, default=200)
+    p.add_argument("--limit", type=int, help="evaluate only the first N episodes")
+    p.add_argument("--seed", type=int, default=1234, help="evaluation episode seed")
+    p.add_argument("--batch", type=int, default=25)
+    p.add_argument("--max-facts", type=int, default=6)
+    p.add_argument("--ppl-text", default=LOCOMO, help="plain text for the perplexity ratio (LoCoMo JSON)")
+    p.add_argument("--ppl-chunks", type=int, default=8)
+    p.add_argument("--ppl-length", type=int, default=512)
+    a = p.parse_args()
+
+    t0 = time.perf_counter()
+    model, tok = load_backbone(a.model)
+    load_adapter(model, a.adapter)
+    n = min(a.episodes, a.limit or a.episodes)
+    eps = episodes(a.seed, "eval", 0, n, EpisodeConfig(max_facts=a.max_facts))
+    ev = RecallEvaluator(model, tok)
+    records = []
+    for i in range(0, n, a.batch):
+        chunk = eps[i : i + a.batch]
+        ans = ev.answers(chunk)
+        for j, e in enumerate(chunk):
+            rec = {"index": i + j, "question": e.question, "gold": e.answer, "value": e.value, "relation": e.relation,
+                   "num_facts": e.num_facts, "turns_ago": e.turns_ago, "updated": e.updated, "never_said": e.never_said}  # fmt: skip
+            for c in CONDITIONS:
+                rec[c] = {"reply": ans[c][j], "correct": correct(ans[c][j], e), "f1": token_f1(ans[c][j], e.answer)}
+            records.append(rec)
+        print(f"[{min(i + a.batch, n)}/{n} episodes, {time.perf_counter() - t0:.0f} s]", flush=True)
+    summary = summarize(records)
+    chunks, source = plain_text_chunks(tok, a.ppl_text, a.ppl_chunks, a.ppl_length)
+    ppl_frozen = perplexity(model, chunks, with_memory=False)
+    ppl_mem = perplexity(model, chunks, with_memory=True)
+    summary.update(
+        perplexity_ratio=ppl_mem / ppl_frozen, perplexity={"frozen": ppl_frozen, "deltamem_context_memory": ppl_mem, "text": source,
+                                                             "chunks": a.ppl_chunks, "tokens_per_chunk": a.ppl_length},
+        adapter=a.adapter, episodes=n, seed=a.seed, seconds=time.perf_counter() - t0,
+    )  # fmt: skip
+
+    print(f"\n{n} held-out episodes ({summary['n_answerable']} answerable), adapter {a.adapter}")
+    print(f"{'condition':<20}{'accuracy':>10}{'F1':>8}")
+    for c in CONDITIONS:
+        print(f"{c:<20}{summary[c]:>10.3f}{summary['f1'][c]:>8.3f}")
+    print(f"memory_only − mismatched_memory = {summary['memory_only'] - summary['mismatched_memory']:+.3f}")
+    for key in ("by_relation", "by_num_facts", "by_turns_ago"):
+        print(f"\n{key}: " + "  ".join(c[:12] for c in CONDITIONS))
+        for k, v in summary[key].items():
+            print(f"  {k:<14} n={v['n']:<4}" + "".join(f"{v[c]['accuracy']:>8.2f}" for c in CONDITIONS))
+    for key in ("updated", "never_said"):
+        v = summary[key]
+        if v:
+            print(f"{key} (n={v['n']}): " + ", ".join(f"{c} {v[c]['accuracy']:.2f}" for c in CONDITIONS))
+    print(f"\nperplexity on {source}: frozen {ppl_frozen:.3f}, δ-mem context+memory {ppl_mem:.3f}, ratio {summary['perplexity_ratio']:.4f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    if a.records:
+        with open(a.records, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
