@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--branches", default="q,o", help="corrected projections, e.g. q,o or q,k,v,o")
     p.add_argument("--min-facts", type=int, default=1)
     p.add_argument("--max-facts", type=int, default=6)
+    p.add_argument("--max-chitchat", type=int, default=2, help="chit-chat turns per episode (at most)")
+    p.add_argument("--update-rate", type=float, default=0.15, help="share of episodes whose asked fact is updated")
+    p.add_argument("--never-said-rate", type=float, default=0.1, help="share of questions about something never said")
     p.add_argument("--turn-len", type=int, default=32)
     p.add_argument("--no-remat", action="store_true", help="keep activations instead of recomputing each layer")
     p.add_argument("--checkpoint-every", type=int, default=25)
@@ -47,7 +50,8 @@ def config_from_args(a) -> "TrainConfig":
     from deltamem_jax.training.loop import TrainConfig
     from deltamem_jax.training.step import OptimConfig
 
-    episodes = EpisodeConfig(min_facts=a.min_facts, max_facts=a.max_facts)
+    episodes = EpisodeConfig(min_facts=a.min_facts, max_facts=a.max_facts, max_chitchat=a.max_chitchat,
+                             update_rate=a.update_rate, never_said_rate=a.never_said_rate)
     return TrainConfig(
         protocol=a.protocol, batch_size=a.batch_size, seed=a.seed,
         optim=OptimConfig(learning_rate=a.lr, steps=a.steps, warmup=a.warmup, weight_decay=a.weight_decay, clip=a.clip, accumulate=a.accumulate),

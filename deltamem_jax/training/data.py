@@ -132,7 +132,8 @@ def _digits(n):
 
 
 def _car(rng, split):
-    return _draw(rng, split, lambda r: f"a {r.choice(_COLOURS)} {r.choice(_CAR_MAKES)}")
+    colours, makes = _pool(_COLOURS, split), _pool(_CAR_MAKES, split)  # no eval colour in a training car
+    return _draw(rng, split, lambda r: f"a {r.choice(colours)} {r.choice(makes)}")
 
 
 def _band(rng, split):
@@ -308,7 +309,7 @@ def episodes(seed: int, split: str, start: int, count: int, config: EpisodeConfi
 def split_values(split: str) -> set[str]:
     """Every fixed-pool value of `split` (for the disjointness test; generated values are
     split by the same hash)."""
-    pools = [_FIRST_NAMES, _PET_NAMES, _CITIES, _JOBS, _FOODS, _COLOURS]
+    pools = [_FIRST_NAMES, _PET_NAMES, _CITIES, _JOBS, _FOODS, _COLOURS, _CAR_MAKES]
     return set(itertools.chain.from_iterable(_pool(p, split) for p in pools))
 
 
