@@ -87,6 +87,11 @@ def save_adapter(model: Decoder, folder: str | Path) -> Path:
     try:
         (tmp / CONFIG_FILE).write_text(json.dumps(mem.config.to_official(), indent=2))
         save_file(_official_tensors(mem), str(tmp / SAFETENSORS_FILE))
+        umask = os.umask(0)
+        os.umask(umask)  # mkdtemp makes a private folder: give it the usual permissions
+        os.chmod(tmp, 0o777 & ~umask)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -103,12 +103,9 @@ def cmd_chat(args) -> int:
     return 0
 
 
-DEMO_FACTS = [
-    "My name is Marta Kowalska and I work as a lighthouse keeper.",
-    "My dog is called Pixel and she is a three-year-old border collie.",
-    "I was born in the city of Gdansk.",
-]
-DEMO_QUESTIONS = ["What is my dog called?", "What is my job?", "In which city was I born?"]
+DEMO_FACTS = ["My dog is called Pixel.", "My favourite colour is green.", "I was born in Lisbon.", "My door code is 4821."]
+DEMO_QUESTIONS = [("What's my dog called?", "Pixel"), ("What is my favourite colour?", "green"),
+                  ("Where was I born?", "Lisbon"), ("What is my door code?", "4821")]  # fmt: skip
 
 
 def cmd_demo(args) -> int:
@@ -133,17 +130,17 @@ def cmd_demo(args) -> int:
     del s
     print("Session 2: a fresh session loaded from disk; the facts are only in its memory.")
     s = Session.load(out, model, tok, max_new_tokens=args.max_new_tokens, adapter_note=note)
-    for q in DEMO_QUESTIONS:
-        t = time.perf_counter()
-        a = s.ask(q)
-        print(f"  Q: {q}\n  A: {a.strip()}  ({time.perf_counter() - t:.1f} s)")
     blank = Session(s.model, s.tokenizer, "memory-only", max_new_tokens=args.max_new_tokens)
-    print("\nControl: the same questions with an empty memory.")
-    for q in DEMO_QUESTIONS:
-        print(f"  Q: {q}\n  A: {blank.ask(q).strip()}")
+    recalled = {"memory": 0, "empty memory (control)": 0}
+    for q, value in DEMO_QUESTIONS:
+        t = time.perf_counter()
+        a, c = s.ask(q).strip(), blank.ask(q).strip()
+        recalled["memory"] += value.lower() in a.lower()
+        recalled["empty memory (control)"] += value.lower() in c.lower()
+        print(f"  Q: {q}\n  A (memory):       {a}  ({time.perf_counter() - t:.1f} s)\n  A (empty memory): {c}")
+    print("\nTold values found in the answers: " + ", ".join(f"{k} {v}/{len(DEMO_QUESTIONS)}" for k, v in recalled.items()))
     if "untrained" in s.adapter_note:
-        print("\nNote: the adapter is untrained, so recall from memory is not expected yet; "
-              "the training issue provides a trained adapter.")
+        print("Note: the adapter is untrained, so recall from memory is not expected.")
     print(f"\nDone in {time.perf_counter() - t0:.1f} s.")
     return 0
 

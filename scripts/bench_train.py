@@ -95,6 +95,7 @@ def main() -> int:
     p.add_argument("--lengths", default="512,2048")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--sub-states", type=int, default=1)
+    p.add_argument("--no-remat", action="store_true", help="train step without per-layer recomputation (as `train --no-remat`)")
     p.add_argument("--session", action="store_true", help="also time the session-protocol training layout (9 turns of 32 tokens)")
     a = p.parse_args()
 
@@ -111,7 +112,7 @@ def main() -> int:
     for n, session in grid:
         batch = jax.tree.map(jnp.asarray, episode_batch(model.cfg, a.batch, n, layout, session=session))
         fwd = jax.jit(lambda p, f, b: episode_loss(p, f, graphdef, b, remat=False)[0])
-        step = make_train_step(graphdef, tx, remat=True)
+        step = make_train_step(graphdef, tx, remat=not a.no_remat)
         t0 = time.perf_counter()
         fwd_c = fwd.lower(params, frozen, batch).compile()
         step_c = step.lower(params, opt_state, frozen, batch).compile()
@@ -131,7 +132,7 @@ def main() -> int:
                 times["train"].append(tt)
         tokens = a.batch * (n + layout.read_len)
         cell = {
-            "protocol": "session" if session else "official", "write_tokens": n, "batch": a.batch, "forward_s": min(times["forward"]), "train_s": min(times["train"]),
+            "protocol": "session" if session else "official", "remat": not a.no_remat, "write_tokens": n, "batch": a.batch, "forward_s": min(times["forward"]), "train_s": min(times["train"]),
             "train_step_over_forward": min(times["train"]) / min(times["forward"]),
             "train_tokens_per_s": tokens / min(times["train"]), "forward_tokens_per_s": tokens / min(times["forward"]),
             "peak_bytes_forward": peak_bytes(fwd_c), "peak_bytes_train": peak_bytes(step_c), "compile_s": compile_s,

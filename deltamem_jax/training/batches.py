@@ -59,6 +59,15 @@ class Batch:
     targets: np.ndarray  # [b, a] int32
     target_mask: np.ndarray  # [b, a] bool
 
+    def tokens(self) -> int:
+        """Real (unpadded) tokens the step processes: every turn re-reads the system segment."""
+        if self.turns is not None:
+            turns = int(self.turns.valid.any(-1).sum())
+            written = int(self.turns.valid.sum()) + turns * int(self.system.valid[0].sum())
+        else:
+            written = int(self.history.valid.sum())
+        return written + int(self.read.valid.sum())
+
 
 def _segment(ids: Sequence[Sequence[int]], length: int, offset: np.ndarray | int = 0, what: str = "segment") -> Segment:
     for i, p in enumerate(ids):

@@ -260,7 +260,7 @@ class EpisodeConfig:
 
     @property
     def max_turns(self) -> int:
-        return self.max_facts + 1 + self.max_chitchat  # facts, one update, chit-chat
+        return self.max_facts + (self.update_rate > 0) + self.max_chitchat  # facts, an update, chit-chat
 
 
 def make_episode(seed: int, split: str, index: int, config: EpisodeConfig = EpisodeConfig()) -> Episode:

@@ -182,9 +182,7 @@ def train(
             m = {k: float(v) for k, v in m.items()}
             dt = time.perf_counter() - t0
             step += 1
-            tokens = int(batch.read.valid.sum()) + int((batch.turns or batch.history).valid.sum()) + (
-                int(batch.system.valid.sum()) * config.layout.max_turns if batch.turns is not None else 0
-            )
+            tokens = batch.tokens()
             last = {"step": step, **m, "seconds": dt, "tokens_per_s": tokens / dt, "episodes": step * B}
             log.write(json.dumps(last) + "\n")
             bar.update(1)
