@@ -43,15 +43,31 @@ def _attach(model, args) -> str:
     return "untrained δ-mem adapter (base-slice init): no trained adapter installed"
 
 
+PROGRESS_FROM = 2048  # prompts longer than this show a prefill progress bar
+
+
 def cmd_generate(args) -> int:
-    from deltamem_jax.decoding import generate
+    from tqdm import tqdm
+
+    from deltamem_jax.decoding import check_context, generate
 
     model, tok = load_backbone(args.model)
     note = _attach(model, args)
     print(f"[{note}]", file=sys.stderr)
     prompts = [tok.encode_chat([{"role": "user", "content": p}]) if args.chat else tok.encode(p) for p in args.prompt]
+    longest = max(len(p) for p in prompts)
+    check_context(model.cfg, longest, args.max_new_tokens)  # before any compilation
     t0 = time.perf_counter()
-    replies, _ = generate(model, prompts, args.max_new_tokens, stop_ids=tok.eos_ids, sampling=_sampling(args), seed=args.seed)
+    bar = tqdm(total=longest, desc="prefill", unit="tok", file=sys.stderr) if longest > PROGRESS_FROM else None
+
+    def progress(done: int, total: int) -> None:  # the padded total includes left padding
+        bar.n = max(0, min(longest, done - (total - longest)))
+        bar.refresh()
+
+    replies, _ = generate(model, prompts, args.max_new_tokens, stop_ids=tok.eos_ids, sampling=_sampling(args),
+                          seed=args.seed, progress=progress if bar else None)  # fmt: skip
+    if bar:
+        bar.close()
     dt = time.perf_counter() - t0
     for p, r in zip(args.prompt, replies):
         print(f"> {p}\n{tok.decode(r)}\n")
@@ -113,7 +129,7 @@ def cmd_demo(args) -> int:
 
     out = Path(args.session or tempfile.mkdtemp(prefix="deltamem-demo-")) / "session"
     t0 = time.perf_counter()
-    s = Session.default("memory-only", max_new_tokens=args.max_new_tokens)
+    s = Session.default("memory-only", adapter=args.adapter, max_new_tokens=args.max_new_tokens)
     print(f"Model: SmolLM2-135M-Instruct (embedded GGUF) with {s.adapter_note}.")
     print(f"Mode: memory-only (each turn has a fresh context; earlier turns live only in the memory). Loaded in {time.perf_counter() - t0:.1f} s.\n")
     print("Session 1: telling the model some facts (written into the memory, no answers).")
@@ -173,6 +189,7 @@ def main(argv=None) -> int:
 
     d = sub.add_parser("demo", help="tell facts, save, reload, ask: memory across sessions")
     d.add_argument("--session", help="folder for the saved session (default: a temp folder)")
+    d.add_argument("--adapter", help="an official δ-mem adapter folder (default: the installed one)")
     d.add_argument("--max-new-tokens", type=int, default=32)
     d.set_defaults(fn=cmd_demo)
 
@@ -183,7 +200,13 @@ def main(argv=None) -> int:
     t.set_defaults(fn=train_cli.run)
 
     args = p.parse_args(argv)
-    return args.fn(args)
+    from deltamem_jax.decoding import ContextWindowError
+
+    try:
+        return args.fn(args)
+    except ContextWindowError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

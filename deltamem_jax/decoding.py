@@ -1,4 +1,10 @@
-"""Generation with memory: bucketed prefill, and a `lax.scan` decode loop.
+"""Generation with memory: bucketed, segmented prefill, and a `lax.scan` decode loop.
+
+Long prompts are fed in segments of `PREFILL_SEGMENT` tokens against the KV cache (one
+compiled shape per segment size), their attention computed blockwise, so prefill memory
+stays linear in the prompt length. Prompt + new tokens must fit the model's context
+window (`ContextWindowError` otherwise): no token is ever given a RoPE position the
+model was not trained on.
 
 Every processed token is written into the memory exactly once: the prompt by the
 prefill, each generated token by the decode step that feeds it (the step that samples a
@@ -60,6 +66,29 @@ def bucket(n: int) -> int:
     return -(-n // 256) * 256
 
 
+PREFILL_SEGMENT = 1024  # prompts longer than this are prefilled in segments of this size
+
+
+class ContextWindowError(ValueError):
+    """Prompt + new tokens do not fit the model's context window."""
+
+
+def check_context(cfg, prompt_tokens: int, max_new_tokens: int = 0, what: str = "prompt") -> None:
+    """Refuses positions past the trained RoPE range (`cfg.max_position_embeddings`)."""
+    window = cfg.max_position_embeddings
+    if prompt_tokens + max_new_tokens > window:
+        raise ContextWindowError(
+            f"{what} of {prompt_tokens} tokens + max_new_tokens {max_new_tokens} = {prompt_tokens + max_new_tokens} "
+            f"tokens exceeds the model's context window of {window} tokens; shorten it or lower max_new_tokens"
+        )
+
+
+def prompt_length(n: int, segment: int = PREFILL_SEGMENT) -> int:
+    """Padded length of an `n`-token prompt: `bucket(n)` up to one segment, else whole
+    segments (so every segment of a long prompt has the same compiled shape)."""
+    return bucket(n) if n <= segment else -(-n // segment) * segment
+
+
 def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0):
     """Token ids, RoPE positions (from 0) and validity `[b, length]` for left-padded prompts."""
     b = len(prompts)
@@ -92,24 +121,40 @@ class DecodeState:
 
 def prefill(
     model: Decoder,
-    tokens: jax.Array,
-    positions: jax.Array,
-    valid: jax.Array,
+    tokens: jax.Array,  # [b, t]
+    positions: jax.Array,  # [b, t]
+    valid: jax.Array,  # [b, t] bool
     cache: KVCache,
     memory: MemoryState | None,
     control: WriteControl | None = None,
     key: jax.Array | None = None,
+    *,
+    segment: int = PREFILL_SEGMENT,
+    progress: Callable[[int, int], None] | None = None,
 ) -> DecodeState:
-    """Runs the prompt through the model (KV cache filled, memory written) once."""
-    if cache.max_len - int(cache.end) < tokens.shape[1]:
+    """Runs the prompt through the model (KV cache filled, memory written) once.
+
+    Prompts longer than `segment` go in segments against the cache; token writes then
+    equal one unsegmented write (the recurrence is sequential). Message writes (SSW)
+    need the whole message in one call, so they are not segmented. `progress(done,
+    total)` is called after each segment.
+    """
+    t = tokens.shape[1]
+    if cache.max_len - int(cache.end) < t:
         raise ValueError(
-            f"prompt of {tokens.shape[1]} (padded) tokens does not fit: the cache has "
+            f"prompt of {t} (padded) tokens does not fit: the cache has "
             f"{cache.max_len - int(cache.end)} of {cache.max_len} slots left"
         )
-    fresh = int(cache.end) == 0
-    logits, cache, memory = forward(
-        model, tokens, positions, valid, cache, memory, control, attend_cache=not fresh, last_only=True
-    )
+    control = control or WriteControl()
+    step = t if control.mode == WriteMode.MESSAGES else segment
+    for start in range(0, t, step):
+        piece = slice(start, start + step)
+        logits, cache, memory = forward(
+            model, tokens[:, piece], positions[:, piece], valid[:, piece], cache, memory, control,
+            attend_cache=int(cache.end) > 0, last_only=True,
+        )  # fmt: skip
+        if progress is not None:
+            progress(min(start + step, t), t)
     # each row's next position follows its last real token (rows may be all padding)
     next_pos = jnp.max(jnp.where(valid, positions + 1, 0), axis=1).astype(jnp.int32)
     next_pos = jnp.where(jnp.any(valid, axis=1), next_pos, 0)
@@ -205,19 +250,24 @@ def generate(
     sampling: Sampling = Sampling(),
     seed: int = 0,
     chunk: int | None = None,
+    segment: int = PREFILL_SEGMENT,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[list[int]], MemoryState | None]:
     """Generates for a batch of prompts (token ids). Returns replies (stop token included)
     and the memory after the prompts and replies were written.
 
     With δ-mem attached, `memory=None` starts from a zero memory and a `MemoryState`
     continues that one. A plain backbone (no δ-mem) has no memory and returns None.
+    Raises `ContextWindowError` when the longest prompt + `max_new_tokens` does not fit
+    the context window; `progress(done, total)` follows the prefill's segments.
     """
     from deltamem_jax.memory import DeltaMemAttention
 
     b = len(prompts)
     if not b or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
-    length = bucket(max(len(p) for p in prompts))
+    check_context(model.cfg, max(len(p) for p in prompts), max_new_tokens)
+    length = prompt_length(max(len(p) for p in prompts), segment)
     tokens, positions, valid = left_pad(prompts, length)
     has_memory = isinstance(model.layers.attn, DeltaMemAttention)
     if has_memory and memory is None:
@@ -225,7 +275,9 @@ def generate(
     if not has_memory:
         memory = None
     cache = KVCache.create(model.cfg, b, length + bucket(max_new_tokens))
-    state = prefill(model, tokens, positions, valid, cache, memory, WriteControl(), jax.random.PRNGKey(seed))
+    state = prefill(
+        model, tokens, positions, valid, cache, memory, WriteControl(), jax.random.PRNGKey(seed), segment=segment, progress=progress
+    )
     final = []
     pieces = list(stream(model, state, max_new_tokens, stop_ids, sampling, chunk or max_new_tokens, on_state=final.append))
     out = np.concatenate(pieces, axis=1) if pieces else np.zeros((b, 0), np.int32)

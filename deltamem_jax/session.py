@@ -28,7 +28,9 @@ from flax import nnx
 
 from deltamem_jax.adapter import attach, load_adapter, memory_of
 from deltamem_jax.config import DeltaMemConfig, WriteGranularity
-from deltamem_jax.decoding import DecodeState, Sampling, bucket, left_pad, prefill, stream
+from deltamem_jax.decoding import (
+    ContextWindowError, DecodeState, Sampling, bucket, check_context, left_pad, prefill, prompt_length, stream,
+)  # fmt: skip
 from deltamem_jax.memory import MemoryParam
 from deltamem_jax.state import MemoryState, WriteControl, WriteMode
 from models.decoder import Decoder, KVCache
@@ -73,16 +75,20 @@ class Session:
         self.reset()
 
     @classmethod
-    def default(cls, mode: Mode | str = Mode.MEMORY_ONLY, **kwargs) -> Session:
+    def default(cls, mode: Mode | str = Mode.MEMORY_ONLY, adapter: str | Path | None = None, **kwargs) -> Session:
         """SmolLM2-135M-Instruct (embedded GGUF) with the default δ-mem adapter.
 
-        Uses the trained adapter at `DEFAULT_ADAPTER` when present; otherwise a freshly
-        initialized (untrained) TSW adapter, and `adapter_note` says so.
+        Uses `adapter` (an official adapter folder) if given, else the trained adapter at
+        `DEFAULT_ADAPTER` when present; otherwise a freshly initialized (untrained) TSW
+        adapter, and `adapter_note` says so.
         """
         from models.loading import load_gguf
 
         model, _, tokenizer = load_gguf()
-        if (DEFAULT_ADAPTER / "delta_mem_config.json").is_file():
+        if adapter is not None:
+            load_adapter(model, adapter)
+            note = f"adapter {adapter}"
+        elif (DEFAULT_ADAPTER / "delta_mem_config.json").is_file():
             load_adapter(model, DEFAULT_ADAPTER)
             note = f"trained adapter {DEFAULT_ADAPTER.name}"
         else:
@@ -127,21 +133,29 @@ class Session:
 
     def _run_turn(self, message: dict, answer: bool, write: bool) -> Iterator[str]:
         system = [{"role": "system", "content": self.system_prompt}]
+        cfg, memory = self.model.cfg, self.memory
         if self.mode == Mode.CONTEXT_AND_MEMORY:
             full = self._render(system + self.history + [message], generation_prompt=answer)
             if not full.startswith(self.fed_text):
                 raise RuntimeError("the chat template does not extend the conversation in the cache")
-            segments = [(self.tokenizer.encode(full[len(self.fed_text) :]), write)]
-            cache, position = self.cache, self.position
+            ids = self.tokenizer.encode(full[len(self.fed_text) :])
+            check_context(cfg, self.position + len(ids), self.max_new_tokens if answer else 0, "conversation")
+            state, cache, memory, position = self._prefill(ids, write, self.cache, memory, self.position)
         else:
             sys_ids, turn_ids = memory_only_turn(self.tokenizer, self.system_prompt, message, answer)
-            segments = [(sys_ids, False), (turn_ids, write)]
-            room = sum(self._padded_len(ids) for ids, _ in segments) + bucket(self.max_new_tokens)
-            cache, position = KVCache.create(self.model.cfg, 1, room), 0
-        memory = self.memory
-        state = None
-        for ids, seg_write in segments:
-            state, cache, memory, position = self._prefill(ids, seg_write, cache, memory, position)
+            if answer:
+                check_context(cfg, len(sys_ids) + len(turn_ids), self.max_new_tokens, "message")
+            # A turn that is only written may be longer than the context window: it is
+            # written piece by piece, each piece in a fresh context after the system prompt.
+            window = cfg.max_position_embeddings - len(sys_ids)
+            if window <= 0:
+                raise ContextWindowError(f"the system prompt ({len(sys_ids)} tokens) fills the {cfg.max_position_embeddings}-token context window")
+            for start in range(0, len(turn_ids), window):
+                piece = turn_ids[start : start + window]
+                room = self._padded_len(sys_ids) + self._padded_len(piece) + (bucket(self.max_new_tokens) if answer else 0)
+                cache = KVCache.create(cfg, 1, room)
+                _, cache, memory, position = self._prefill(sys_ids, False, cache, memory, 0)
+                state, cache, memory, position = self._prefill(piece, write, cache, memory, position)
         reply_ids: list[int] = []
         if answer:
             finals: list[DecodeState] = []
@@ -170,32 +184,29 @@ class Session:
                     self.history.append({"role": "assistant", "content": self.tokenizer.decode(reply_ids)})
 
     def _padded_len(self, ids: list[int]) -> int:
-        """Cache slots `_prefill` uses for `ids` (each prefill segment is bucketed)."""
-        step = self.prefill_segment
-        return sum(bucket(len(ids[i : i + step])) for i in range(0, len(ids), step))
+        """Cache slots `_prefill` uses for `ids`."""
+        return prompt_length(len(ids), self.prefill_segment)
 
     def _prefill(self, ids: list[int], write: bool, cache: KVCache, memory: MemoryState, position: int):
-        """Feeds token `ids` in segments (progress logged for long inputs)."""
+        """Feeds token `ids` after `position` (in segments; progress logged for long inputs)."""
         need = self._padded_len(ids)
         if int(cache.end) + need > cache.max_len:
             raise ValueError(
                 f"{len(ids)} new tokens (padded to {need}) do not fit: {cache.max_len - int(cache.end)} "
                 f"of the {cache.max_len}-token context are left; reset() or use memory-only mode"
             )
-        state = None
+        tokens, positions, valid = left_pad([ids], need)
+        control = write_control(self.config, valid, self.next_message_id) if write else WriteControl(WriteMode.READ_ONLY)
         t0 = time.perf_counter()
-        for i in range(0, len(ids), self.prefill_segment):
-            seg = ids[i : i + self.prefill_segment]
-            tokens, positions, valid = left_pad([seg], bucket(len(seg)))
-            positions = positions + position
-            control = write_control(self.config, valid, self.next_message_id) if write else WriteControl(WriteMode.READ_ONLY)
-            state = prefill(self.model, tokens, positions, valid, cache, memory, control)
-            cache, memory, position = state.cache, state.memory, position + len(seg)
-            if len(ids) > self.prefill_segment:
-                self.log(f"prefill {min(i + len(seg), len(ids))}/{len(ids)} tokens, {time.perf_counter() - t0:.1f} s")
+
+        def progress(done: int, total: int) -> None:
+            self.log(f"prefill {min(done, len(ids))}/{len(ids)} tokens, {time.perf_counter() - t0:.1f} s")
+
+        state = prefill(self.model, tokens, positions + position, valid, cache, memory, control,
+                        segment=self.prefill_segment, progress=progress if len(ids) > self.prefill_segment else None)  # fmt: skip
         if write and self.config.write_granularity == WriteGranularity.MESSAGE_MEAN:
             self.next_message_id += 1
-        return state, cache, memory, position
+        return state, state.cache, state.memory, position + len(ids)
 
     # -- persistence ----------------------------------------------------------------
 

@@ -119,6 +119,89 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
     return out.astype(x.dtype)
 
 
+ATTENTION_BLOCK = 512  # prompts longer than this attend blockwise, in blocks of this size
+
+
+def dense_attention(qg: Array, k: Array, v: Array, valid: Array, cache) -> Array:
+    """Causal GQA attention with the full score matrix (decode steps and short prompts).
+
+    qg [b,t,k,g,h] (scaled), k, v [b,t,k,h], valid [b,t]; cache None or
+    (ck [b,k,s,h], cv [b,k,h,s], cvalid [b,s]), all before the new tokens. → [b,t,k,g,h]
+    """
+    t = qg.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(causal & valid[:, None, None, None, :], scores, _MASKED)
+    if cache is None:
+        probs = jax.nn.softmax(scores, axis=-1)
+        return jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v)
+    ck, cv, cvalid = cache
+    cs = jnp.einsum("btkgh,bksh->bkgts", qg, ck, preferred_element_type=jnp.float32)
+    cs = jnp.where(cvalid[:, None, None, None, :], cs, _MASKED)
+    probs = jax.nn.softmax(jnp.concatenate([cs, scores], axis=-1), axis=-1)
+    pc, ps = probs[..., : ck.shape[2]], probs[..., ck.shape[2] :]
+    out = jnp.einsum("bkgts,bkhs->btkgh", pc.astype(cv.dtype), cv)
+    return out + jnp.einsum("bkgts,bskh->btkgh", ps.astype(v.dtype), v)
+
+
+def blockwise_attention(qg: Array, k: Array, v: Array, valid: Array, cache, block: int = ATTENTION_BLOCK) -> Array:
+    """`dense_attention` computed block by block with an online softmax (flash-attention
+    style): peak memory is linear in the prompt length, and key blocks wholly in a query
+    block's future are skipped. Same arguments and result as `dense_attention`.
+    """
+    b, t, kvh, g, h = qg.shape
+    keys, values, kvalid = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), valid  # [b,k,t,h], [b,t]
+    s = 0
+    if cache is not None:
+        ck, cv, cvalid = cache
+        s = ck.shape[2]
+        keys = jnp.concatenate([ck, keys.astype(ck.dtype)], axis=2)
+        values = jnp.concatenate([cv.transpose(0, 1, 3, 2), values.astype(cv.dtype)], axis=2)
+        kvalid = jnp.concatenate([cvalid, valid], axis=1)
+    nq, nk = -(-t // block), -(-(s + t) // block)
+    pad_k = nk * block - (s + t)
+    keys = jnp.pad(keys, ((0, 0), (0, 0), (0, pad_k), (0, 0))).reshape(b, kvh, nk, block, h).transpose(2, 0, 1, 3, 4)
+    values = jnp.pad(values, ((0, 0), (0, 0), (0, pad_k), (0, 0))).reshape(b, kvh, nk, block, h).transpose(2, 0, 1, 3, 4)
+    kvalid = jnp.pad(kvalid, ((0, 0), (0, pad_k))).reshape(b, nk, block).transpose(1, 0, 2)  # [nk, b, B]
+    qblocks = jnp.pad(qg, ((0, 0), (0, nq * block - t), (0, 0), (0, 0), (0, 0)))
+    qblocks = qblocks.reshape(b, nq, block, kvh, g, h).transpose(1, 0, 2, 3, 4, 5)  # [nq, b, B, k, g, h]
+    offsets = jnp.arange(block)
+
+    def one_query_block(args):
+        qb, qi = args  # [b,B,k,g,h], []
+        q_index = s + qi * block + offsets  # key-space index of each query token
+
+        def one_key_block(carry, xs):
+            kb, vb, kv_ok, ki = xs  # [b,k,B,h], [b,k,B,h], [b,B], []
+            k_index = ki * block + offsets
+
+            def update(carry):
+                m, l, acc = carry  # [b,k,g,B], [b,k,g,B], [b,k,g,B,h] (float32)
+                allowed = kv_ok[:, None, None, None, :] & (k_index[None, :] <= q_index[:, None])
+                sc = jnp.einsum("bqkgh,bksh->bkgqs", qb, kb, preferred_element_type=jnp.float32)
+                sc = jnp.where(allowed, sc, _MASKED)
+                m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
+                p = jnp.exp(sc - m_new[..., None])
+                scale = jnp.exp(m - m_new)
+                pv = jnp.einsum("bkgqs,bksh->bkgqh", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+                return m_new, l * scale + jnp.sum(p, axis=-1), acc * scale[..., None] + pv
+
+            needed = ki * block <= s + qi * block + block - 1  # some key is not in the future
+            return jax.lax.cond(needed, update, lambda c: c, carry), None
+
+        init = (
+            jnp.full((b, kvh, g, block), _MASKED, jnp.float32),
+            jnp.zeros((b, kvh, g, block), jnp.float32),
+            jnp.zeros((b, kvh, g, block, h), jnp.float32),
+        )
+        (_, l, acc), _ = jax.lax.scan(one_key_block, init, (keys, values, kvalid, jnp.arange(nk)))
+        return (acc / l[..., None]).astype(qg.dtype)  # [b,k,g,B,h]
+
+    out = jax.lax.map(one_query_block, (qblocks, jnp.arange(nq)))  # [nq, b, k, g, B, h]
+    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * block, kvh, g, h)
+    return out[:, :t]
+
+
 class Attention(nnx.Module):
     """Frozen grouped-query attention, split in steps so δ-mem can correct q/k/v/o."""
 
@@ -162,20 +245,10 @@ class Attention(nnx.Module):
         b, t, n, h = q.shape
         kvh = k.shape[2]
         qg = q.reshape(b, t, kvh, n // kvh, h) * jnp.asarray(h**-0.5, q.dtype)  # [b,t,k,g,h]
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
-        scores = jnp.where(causal & valid[:, None, None, None, :], scores, _MASKED)
-        if cache is not None:
-            ck, cv, cvalid = cache  # [b,k,s,h], [b,k,h,s], [b,s]
-            cs = jnp.einsum("btkgh,bksh->bkgts", qg, ck, preferred_element_type=jnp.float32)
-            cs = jnp.where(cvalid[:, None, None, None, :], cs, _MASKED)
-            probs = jax.nn.softmax(jnp.concatenate([cs, scores], axis=-1), axis=-1)
-            pc, ps = probs[..., : ck.shape[2]], probs[..., ck.shape[2] :]
-            out = jnp.einsum("bkgts,bkhs->btkgh", pc.astype(cv.dtype), cv)
-            out = out + jnp.einsum("bkgts,bskh->btkgh", ps.astype(v.dtype), v)
+        if t > ATTENTION_BLOCK:  # long prompts: never a [t, t] score matrix
+            out = blockwise_attention(qg, k, v, valid, cache, ATTENTION_BLOCK)
         else:
-            probs = jax.nn.softmax(scores, axis=-1)
-            out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v)
+            out = dense_attention(qg, k, v, valid, cache)
         return out.reshape(b, t, n, h), k
 
     def output(self, a: Array) -> Array:
