@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
@@ -25,7 +26,7 @@ from flax import nnx, struct
 
 from deltamem_jax.forward import forward
 from deltamem_jax.state import MemoryState, WriteControl, WriteMode
-from models.decoder import Decoder, KVCache
+from models.decoder import Decoder, KVCache, split_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,10 +169,30 @@ def prefill(
     )
 
 
+def scan_layers_default() -> bool:
+    """Decode over stacked layers with a scan (GPU/TPU), or over per-layer buffers (CPU,
+    where the scan copies every layer's weight slice each step: measured ~2× slower at
+    batch 1 on this project's Intel Xeons, see `scripts/bench_decode.py --layers`)."""
+    return jax.default_backend() != "cpu"
+
+
+_LAYER_BUFFERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def layer_buffers(model: Decoder) -> list:
+    """`split_layers(model)`, cached per model until its parameters change (a new adapter)."""
+    key = tuple(id(a) for a in jax.tree.leaves(nnx.state(model.layers)))
+    hit = _LAYER_BUFFERS.get(model)
+    if hit is None or hit[0] != key:
+        hit = (key, split_layers(model))
+        _LAYER_BUFFERS[model] = hit
+    return hit[1]
+
+
 @functools.partial(
     jax.jit, static_argnames=("graphdef", "steps", "sampling", "write"), donate_argnames=("state",)
 )
-def _decode(graphdef, params, state: DecodeState, stop_ids, steps: int, sampling: Sampling, write: WriteMode):
+def _decode(graphdef, params, buffers, state: DecodeState, stop_ids, steps: int, sampling: Sampling, write: WriteMode):
     model = nnx.merge(graphdef, params)
     control = WriteControl(write)
 
@@ -181,7 +202,8 @@ def _decode(graphdef, params, state: DecodeState, stop_ids, steps: int, sampling
         live = ~s.done
         tok = jnp.where(live, tok, 0)
         logits, cache, memory = model(
-            tok[:, None], s.positions[:, None], live[:, None], s.cache, s.memory, control, last_only=True
+            tok[:, None], s.positions[:, None], live[:, None], s.cache, s.memory, control, last_only=True,
+            layer_buffers=buffers,
         )
         done = s.done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
         new = DecodeState(cache, memory, logits[:, -1], s.positions + live, key, done)
@@ -198,11 +220,14 @@ def decode(
     stop_ids: Sequence[int] = (),
     sampling: Sampling = Sampling(),
     write: WriteMode = WriteMode.TOKENS,
+    scan_layers: bool | None = None,
 ) -> tuple[DecodeState, jax.Array, jax.Array]:
     """`steps` tokens per row in one compiled scan. Returns (state, tokens, live) `[b, steps]`.
 
     `live` is False for steps after a row produced a stop token (those tokens are
-    padding and were neither cached nor written). `state` is donated.
+    padding and were neither cached nor written). `state` is donated. `scan_layers`
+    (default `scan_layers_default()`): False runs the layers over per-layer copies of
+    their weights (`layer_buffers`, kept per model: the weights' memory twice).
     """
     if state.cache.max_len - int(state.cache.end) < steps:
         raise ValueError(f"{steps} decode steps do not fit: {state.cache.max_len - int(state.cache.end)} cache slots left")
@@ -211,7 +236,9 @@ def decode(
     graphdef, params = nnx.split(model)
     # a fixed length, so the number of stop ids never changes the compiled shape
     stop = jnp.asarray(list(stop_ids) + [-1] * (MAX_STOP_IDS - len(stop_ids)), jnp.int32)
-    return _decode(graphdef, params, state, stop, steps, sampling, write)
+    scan = scan_layers_default() if scan_layers is None else scan_layers
+    buffers = None if scan else layer_buffers(model)
+    return _decode(graphdef, params, buffers, state, stop, steps, sampling, write)
 
 
 def stream(

@@ -25,10 +25,10 @@ Methods (also written into the JSON):
 * Compile times = seconds of JAX trace + lowering + XLA compile events (jax.monitoring).
   Any timed call during which such an event fired is discarded and rerun (counted in
   the JSON as `discarded_runs_with_compilation`).
-* Quick grid (--quick, ~3 min on a quiet 2-core machine): b=1 and b=8 at T=512, b=1 at
-  T=2048; 16 decode steps per call, 8 decode rounds, 2/1/1 prefill runs, torch once.
-  The T=2048 stages (JAX, then torch) are skipped, with a printed reason, when their
-  estimated time would end the run past --budget (285 s), so a busy machine stays < 5 min.
+* Quick grid (--quick, every cell measured, within 5 min on a quiet 2-core machine): b=1
+  and b=8 at T=512, b=1 at T=2048; 16 decode steps per call, 8 decode rounds, 2/1/1
+  prefill runs, torch once. The run says whether it stayed within the 300 s limit.
+  Long (--long): b=1 at T=8176 (SmolLM2's 8,192-token window minus 16 decode steps).
   Full grid: b ∈ {1, 8} × T ∈ {512, 2048}; 64 decode steps, 6 decode rounds, 3/2/2/1
   prefill runs, torch best of 2. Many short decode rounds beat few long ones on a shared
   machine: each variant is more likely to get at least one undisturbed run (b=8 decode
@@ -48,15 +48,24 @@ Methods (also written into the JSON):
 * Other processes: the CPU time other processes used during each window is read from
   /proc and reported in cores ("other procs"); figures from windows above ~0.25 cores are
   disturbed (torch's OpenMP decode degrades by 10-50x under contention, JAX far less).
+* Roofline: the bandwidth a plain jitted `x @ W` reaches (W the 113 MB LM-head shape,
+  measured at start); a decode's fraction of it = steps/s × bytes one step must stream
+  (every weight once, the tied embedding as the LM head, plus the KV cache) ÷ bandwidth.
+* Peak RSS per prefill: the process's peak resident memory (VmHWM, reset through
+  /proc/self/clear_refs before each prefill), with the growth over the resident memory
+  before it (+Δ); torch's covers its whole generate() call.
 
 Worst-case ratios (top-level keys of the JSON) and their targets:
   decode_ratio_deltamem_vs_plain  = min over {tsw, msw} × grid of δ-mem tok/s ÷ plain tok/s   (≥ 0.97)
   prefill_ratio_deltamem_vs_plain = max over {tsw, msw} × grid of δ-mem s ÷ plain s           (≤ 1.05)
   decode_ratio_ours_vs_torch      = min over grid of jax/plain tok/s ÷ torch tok/s             (≥ 2)
+  prefill_ratio_ours_vs_torch     = max over grid of jax/plain prefill s ÷ torch prefill s     (≤ 1)
+  decode_fraction_of_roofline_b1  = min over b=1 cells of jax/plain's fraction of roofline     (≥ 0.6)
 
 Usage:
   python scripts/bench_decode.py --quick --json /tmp/bench_quick.json
   python scripts/bench_decode.py --json /tmp/bench_full.json
+  python scripts/bench_decode.py --long --json /tmp/bench_long.json
 """
 
 from __future__ import annotations
@@ -82,11 +91,35 @@ TARGETS = {
     "decode_ratio_deltamem_vs_plain": (">=", 0.97),
     "prefill_ratio_deltamem_vs_plain": ("<=", 1.05),
     "decode_ratio_ours_vs_torch": (">=", 2.0),
+    "prefill_ratio_ours_vs_torch": ("<=", 1.0),
+    "decode_fraction_of_roofline_b1": (">=", 0.6),
 }
+QUICK_LIMIT_S = 300  # --quick measures every cell of its grid within this
+SCAN_LAYERS = [None]  # --layers: decode's scan_layers argument (None = the backend default)
+LONG_T = 8192 - 16  # --long: the longest prompt that leaves 16 decode steps in SmolLM2's window
 RESULT_PREFIX = "@@RESULT "
-# Quick mode's optional shape: its estimated cost = factor × what the b=8 T=512 stage took
-# (measured here: JAX ~1.15×, torch ~2.2× on a quiet machine; less when it is busy).
-OPTIONAL_QUICK_SHAPES = {(1, 2048): {"jax": 1.2, "torch": 2.2}}
+
+
+def peak_rss_reset() -> bool:
+    """Resets this process's peak resident set (Linux: `5` > /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_bytes(field: str = "VmHWM") -> int | None:
+    """Peak (`VmHWM`) or current (`VmRSS`) resident memory of this process, in bytes."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def shape_key(b: int, t: int) -> str:
@@ -182,11 +215,15 @@ def torch_worker() -> None:
             ids = torch.from_numpy(prompt_ids(req["seed"], b, t, req["vocab"]))
             runs = []
             for _ in range(req["repeats"]):
+                base = rss_bytes("VmRSS")
+                peak_rss_reset()
                 t0, stamps, t1 = gen(ids, steps + 1)
                 runs.append({
                     "prefill_s": stamps[0] - t0,
                     "decode_s": stamps[-1] - stamps[0],
                     "total_s": t1 - t0,
+                    "rss_before_bytes": base,
+                    "peak_rss_bytes": rss_bytes(),  # over the whole generate (prefill dominates)
                 })
             best_dec = min(r["decode_s"] for r in runs)
             reply({
@@ -195,6 +232,8 @@ def torch_worker() -> None:
                 "decode_s": best_dec,
                 "decode_steps": steps,
                 "decode_tok_s": b * steps / best_dec,
+                "prefill_peak_rss_bytes": max((r["peak_rss_bytes"] or 0) for r in runs) or None,
+                "rss_before_bytes": runs[0]["rss_before_bytes"],
                 "runs": runs,
             })
         except Exception as e:  # noqa: BLE001
@@ -324,6 +363,19 @@ class JaxShapeBench:
         }
         jax.block_until_ready((self.tokens, self.positions, self.valid, self.cache, self.memory))
 
+    def bytes_per_step(self, name) -> int:
+        """Bytes one decode step must stream: every weight once (the embedding as the tied
+        LM head; an untied embedding is only gathered) plus the KV cache it attends over."""
+        from flax import nnx
+
+        model, _ = self.variants[name]
+        params = nnx.state(model, nnx.Param)
+        total = sum(x.nbytes for x in self.jax.tree.leaves(params))
+        if not self.cfg.tie_word_embeddings:
+            total -= model.embed[...].nbytes
+        kv = 2 * self.cfg.num_layers * self.b * self.cfg.num_kv_heads * self.cfg.head_dim * self.t * 4
+        return total + kv
+
     def _timed(self, fn):
         """(seconds, result, compile seconds that happened inside the call)."""
         c0, _ = self.watch.mark()
@@ -337,7 +389,13 @@ class JaxShapeBench:
         from deltamem_jax.decoding import prefill
 
         model, _ = self.variants[name]
-        return self._timed(lambda: prefill(model, self.tokens, self.positions, self.valid, self.cache, self.memory[name]))
+        base = rss_bytes("VmRSS")
+        peak_rss_reset()
+        out = self._timed(lambda: prefill(model, self.tokens, self.positions, self.valid, self.cache, self.memory[name]))
+        rec = self.rec[name]
+        rec["prefill_peak_rss_bytes"] = max(rec.get("prefill_peak_rss_bytes") or 0, rss_bytes() or 0) or None
+        rec.setdefault("rss_before_prefill_bytes", base)
+        return out
 
     def _decode(self, name):
         from deltamem_jax.decoding import decode
@@ -345,7 +403,7 @@ class JaxShapeBench:
         model, _ = self.variants[name]
         state = self.jax.tree.map(lambda a: a.copy(), self.state0[name])  # decode donates its state
         self.jax.block_until_ready(state)
-        return self._timed(lambda: decode(model, state, self.steps))
+        return self._timed(lambda: decode(model, state, self.steps, scan_layers=SCAN_LAYERS[0]))
 
     def compile_prefill(self, name):
         """Ahead-of-time compile of prefill's jitted forward (fills the jit cache).
@@ -359,12 +417,16 @@ class JaxShapeBench:
         from deltamem_jax.forward import _forward
         from deltamem_jax.state import WriteControl
 
+        from deltamem_jax.decoding import PREFILL_SEGMENT
+
         model, _ = self.variants[name]
         c0, _ = self.watch.mark()
         try:
             g, p = nnx.split(model)
-            _forward.lower(g, p, self.tokens, self.positions, self.valid, self.cache, self.memory[name],
-                           WriteControl(), False, True).compile()
+            for start in range(0, self.t, PREFILL_SEGMENT):  # one forward per prefill segment
+                piece = slice(start, start + PREFILL_SEGMENT)
+                _forward.lower(g, p, self.tokens[:, piece], self.positions[:, piece], self.valid[:, piece], self.cache,
+                               self.memory[name], WriteControl(), start > 0, True).compile()
         except Exception as e:  # noqa: BLE001
             self.rec[name]["prefill_compile_note"] = f"AOT compile failed ({type(e).__name__}: {e})"
         self.rec[name]["prefill_compile_s"] = self.watch.mark()[0] - c0
@@ -423,8 +485,30 @@ class JaxShapeBench:
             r["decode_median_s"] = statistics.median(r["decode_runs_s"])
             r["decode_steps"] = self.steps
             r["decode_tok_s"] = self.b * self.steps / r["decode_s"]
+        for n, r in self.rec.items():
+            r["decode_bytes_per_step"] = self.bytes_per_step(n)
         self.state0.clear()
         return self.rec
+
+
+def measure_bandwidth(repeats: int = 30) -> dict:
+    """Bytes/s a plain jitted `x @ W` streams here: W float32 [576, 49152] (the SmolLM2 LM
+    head, 113 MB, far larger than the caches), x [1, 576]; best of `repeats` calls."""
+    import jax
+    import jax.numpy as jnp
+
+    w = jax.random.normal(jax.random.key(0), (576, 49152), jnp.float32)
+    x = jnp.ones((1, 576), jnp.float32)
+    f = jax.jit(lambda x, w: x @ w)
+    jax.block_until_ready(f(x, w))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(x, w))
+        times.append(time.perf_counter() - t0)
+    best = min(times)
+    return {"bytes_per_s": w.nbytes / best, "matvec_s": best, "weight_bytes": w.nbytes,
+            "method": "jitted x @ W, W float32 [576, 49152], x [1, 576], best of %d" % repeats}
 
 
 # ------------------------------------------------------------------------ report
@@ -434,12 +518,20 @@ def fmt(x, spec=".2f"):
     return "—" if x is None else format(x, spec)
 
 
-def compute_ratios(res, grid):
+def roofline_fraction(rec, bandwidth) -> float:
+    """Achieved bytes/s of a decode (steps/s × bytes per step) ÷ the measured bandwidth."""
+    return rec["decode_steps"] / rec["decode_s"] * rec["decode_bytes_per_step"] / bandwidth["bytes_per_s"]
+
+
+def compute_ratios(res, grid, bandwidth):
     ratios = {"decode_deltamem_vs_plain": {}, "prefill_deltamem_vs_plain": {}, "decode_ours_vs_torch": {},
-              "decode_deltamem_vs_plain_median_of_rounds": {}}
+              "decode_deltamem_vs_plain_median_of_rounds": {}, "prefill_ours_vs_torch": {},
+              "decode_fraction_of_roofline": {}}
     for b, t in grid:
         k = shape_key(b, t)
         plain = res["jax"]["plain"][k]
+        for v in ("plain", "tsw", "msw"):
+            ratios["decode_fraction_of_roofline"][f"{v}/{k}"] = roofline_fraction(res["jax"][v][k], bandwidth)
         for v in ("tsw", "msw"):
             r = res["jax"][v][k]
             ratios["decode_deltamem_vs_plain"][f"{v}/{k}"] = r["decode_tok_s"] / plain["decode_tok_s"]
@@ -449,17 +541,20 @@ def compute_ratios(res, grid):
         tr = res.get("torch", {}).get(k)
         if tr and tr.get("ok"):
             ratios["decode_ours_vs_torch"][k] = plain["decode_tok_s"] / tr["decode_tok_s"]
-            ratios.setdefault("prefill_torch_vs_ours", {})[k] = tr["prefill_s"] / plain["prefill_s"]
-    worst = {
-        "decode_ratio_deltamem_vs_plain": min(ratios["decode_deltamem_vs_plain"].values(), default=None),
-        "prefill_ratio_deltamem_vs_plain": max(ratios["prefill_deltamem_vs_plain"].values(), default=None),
-        "decode_ratio_ours_vs_torch": min(ratios["decode_ours_vs_torch"].values(), default=None),
+            ratios["prefill_ours_vs_torch"][k] = plain["prefill_s"] / tr["prefill_s"]
+    b1 = {n: v for n, v in ratios["decode_fraction_of_roofline"].items() if n.startswith("plain/b1_")}
+    pick = {  # worst case of each target: (ratios key, min or max)
+        "decode_ratio_deltamem_vs_plain": ("decode_deltamem_vs_plain", min),
+        "prefill_ratio_deltamem_vs_plain": ("prefill_deltamem_vs_plain", max),
+        "decode_ratio_ours_vs_torch": ("decode_ours_vs_torch", min),
+        "prefill_ratio_ours_vs_torch": ("prefill_ours_vs_torch", max),
+        "decode_fraction_of_roofline_b1": (None, min),
     }
-    where = {
-        "decode_ratio_deltamem_vs_plain": min(ratios["decode_deltamem_vs_plain"], key=ratios["decode_deltamem_vs_plain"].get, default=None),
-        "prefill_ratio_deltamem_vs_plain": max(ratios["prefill_deltamem_vs_plain"], key=ratios["prefill_deltamem_vs_plain"].get, default=None),
-        "decode_ratio_ours_vs_torch": min(ratios["decode_ours_vs_torch"], key=ratios["decode_ours_vs_torch"].get, default=None),
-    }
+    worst, where = {}, {}
+    for key, (src, f) in pick.items():
+        d = b1 if src is None else ratios[src]
+        where[key] = f(d, key=d.get, default=None)
+        worst[key] = None if where[key] is None else d[where[key]]
     return ratios, worst, where
 
 
@@ -469,33 +564,43 @@ def _foreign_by_window(res):
     return out
 
 
+def _mib(x):
+    return "—" if not x else f"{x / 2**20:.0f}"
+
+
 def print_report(res, grid, ratios, worst, where):
     print()
-    print("| shape | engine | prefill s | prefill compile s | decode tok/s | decode ms/step | decode compile s "
-          "| δ/plain decode | δ/plain prefill | other procs (cores) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| shape | engine | prefill s | prefill peak RSS MiB (+Δ) | prefill compile s | decode tok/s | decode ms/step "
+          "| % of roofline | decode compile s | δ/plain decode | δ/plain prefill | other procs (cores) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for b, t in grid:
         k = shape_key(b, t)
         for v in ("plain", "tsw", "msw"):
             r = res["jax"][v][k]
             dr = ratios["decode_deltamem_vs_plain"].get(f"{v}/{k}")
             pr = ratios["prefill_deltamem_vs_plain"].get(f"{v}/{k}")
-            print(f"| b={b} T={t} | jax/{v} | {fmt(r['prefill_s'], '.3f')} | {fmt(r.get('prefill_compile_s'), '.1f')} "
-                  f"| {r['decode_tok_s']:.1f} | {1000 * r['decode_s'] / r['decode_steps']:.1f} "
+            roof = ratios["decode_fraction_of_roofline"].get(f"{v}/{k}")
+            peak, base = r.get("prefill_peak_rss_bytes"), r.get("rss_before_prefill_bytes")
+            delta = f" (+{_mib(peak - base)})" if peak and base else ""
+            print(f"| b={b} T={t} | jax/{v} | {fmt(r['prefill_s'], '.3f')} | {_mib(peak)}{delta} "
+                  f"| {fmt(r.get('prefill_compile_s'), '.1f')} "
+                  f"| {r['decode_tok_s']:.1f} | {1000 * r['decode_s'] / r['decode_steps']:.1f} | {fmt(100 * roof, '.0f')}% "
                   f"| {fmt(r.get('decode_compile_s'), '.1f')} | {fmt(dr, '.3f')} | {fmt(pr, '.3f')} "
                   f"| {fmt(r.get('other_processes_cpu_cores'))} |")
         tr = res.get("torch", {}).get(k)
         if tr is None:
-            print(f"| b={b} T={t} | torch | not measured (quick grid) | | | | | | | |")
+            print(f"| b={b} T={t} | torch | not measured | | | | | | | | | |")
         elif not tr.get("ok"):
-            print(f"| b={b} T={t} | torch | skipped: {tr.get('reason')} | | | | | | | |")
+            print(f"| b={b} T={t} | torch | failed: {tr.get('reason')} | | | | | | | | | |")
         else:
-            print(f"| b={b} T={t} | torch | {tr['prefill_s']:.3f} | n/a | {tr['decode_tok_s']:.1f} "
-                  f"| {1000 * tr['decode_s'] / tr['decode_steps']:.1f} | n/a | | | {fmt(tr.get('other_processes_cpu_cores'))} |")
+            peak, base = tr.get("prefill_peak_rss_bytes"), tr.get("rss_before_bytes")
+            delta = f" (+{_mib(peak - base)})" if peak and base else ""
+            print(f"| b={b} T={t} | torch | {tr['prefill_s']:.3f} | {_mib(peak)}{delta} | n/a | {tr['decode_tok_s']:.1f} "
+                  f"| {1000 * tr['decode_s'] / tr['decode_steps']:.1f} | | n/a | | | {fmt(tr.get('other_processes_cpu_cores'))} |")
     if ratios["decode_ours_vs_torch"]:
         print()
         print("ours (jax/plain) ÷ torch, decode tok/s: " + ", ".join(f"{k} {v:.2f}×" for k, v in ratios["decode_ours_vs_torch"].items()))
-        print("torch ÷ ours (jax/plain), prefill s:    " + ", ".join(f"{k} {v:.2f}×" for k, v in ratios.get("prefill_torch_vs_ours", {}).items()))
+        print("ours (jax/plain) ÷ torch, prefill s:    " + ", ".join(f"{k} {v:.2f}×" for k, v in ratios["prefill_ours_vs_torch"].items()))
     med = ratios["decode_deltamem_vs_plain_median_of_rounds"]
     if med:
         k = min(med, key=med.get)
@@ -598,9 +703,11 @@ def main() -> int:
     ap.add_argument("--repeats", type=int,
                     help="timed rounds per figure, decode and prefill alike (default: decode 8 quick / 6 full; "
                          "prefill 2/1/1 quick, 3/2/2/1 full)")
-    ap.add_argument("--budget", type=float,
-                    help="quick mode: skip the optional b=1 T=2048 stages (JAX, then torch) when their estimated "
-                         "time would end the run past this many seconds (default 285; 0 = never skip)")
+    ap.add_argument("--layers", choices=["auto", "scan", "buffers"], default="auto",
+                    help="decode over stacked layers with a scan, or over per-layer weight buffers "
+                         "(auto: deltamem_jax.decoding.scan_layers_default())")
+    ap.add_argument("--long", action="store_true",
+                    help=f"only the long-prompt cell: b=1, T={LONG_T} (8,192-token window − 16 decode steps)")
     ap.add_argument("--_torch-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._torch_worker:
@@ -608,11 +715,17 @@ def main() -> int:
         return 0
 
     t_start = time.perf_counter()
-    if args.quick:
+    SCAN_LAYERS[0] = {"auto": None, "scan": True, "buffers": False}[args.layers]
+    if args.long:
+        grid = [(1, LONG_T)]
+        torch_grid = set(grid)
+        steps, repeats, torch_repeats = args.steps or 16, args.repeats or 2, 1
+        prefill_repeats = {(1, LONG_T): 1}
+    elif args.quick:
         grid = [(1, 512), (8, 512), (1, 2048)]
         torch_grid = {(1, 512), (8, 512), (1, 2048)}
         steps, repeats, torch_repeats = args.steps or 16, args.repeats or 8, 1
-        # the long prefills (b=8 T=512 ~7 s, b=1 T=2048 ~11 s here) get one timed run per variant
+        # the long prefills (b=8 T=512, b=1 T=2048) get one timed run per variant
         prefill_repeats = {(1, 512): 2, (8, 512): 1, (1, 2048): 1}
     else:
         grid = [(1, 512), (8, 512), (1, 2048), (8, 2048)]
@@ -656,31 +769,13 @@ def main() -> int:
 
     names = list(variants)
     watch = CompileWatch()
-    budget = args.budget if args.budget is not None else (285.0 if args.quick else 0.0)
-    measured, skipped = [], {}
-    took = {}  # seconds each stage took: ("jax" | "torch", shape) -> s
-
-    def over_budget(stage, shape):
-        """Quick mode only: would this (optional) stage end past the time budget?"""
-        if not budget or shape not in OPTIONAL_QUICK_SHAPES:
-            return None
-        ref = took.get((stage, (8, 512)))
-        if ref is None:
-            return None
-        est = OPTIONAL_QUICK_SHAPES[shape][stage] * ref
-        left = budget - (time.perf_counter() - t_start)
-        if est > left:
-            return f"time budget: ~{est:.0f}s estimated, {max(left, 0):.0f}s of the {budget:.0f}s budget left"
-        return None
+    bandwidth = measure_bandwidth()
+    print(f"bandwidth of a plain x @ W here: {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s ({bandwidth['method']})", flush=True)
+    measured = []
 
     for b, t in grid:
         k = shape_key(b, t)
         seed = 1000 * b + t
-        why = over_budget("jax", (b, t))
-        if why:
-            skipped[k] = why
-            print(f"[{time.perf_counter() - t_start:6.1f}s] {k}: skipped ({why})", flush=True)
-            continue
         measured.append((b, t))
         ts = time.perf_counter()
         sb = JaxShapeBench(variants, cfg, b, t, steps, seed, watch)
@@ -707,20 +802,14 @@ def main() -> int:
         line = ", ".join(
             f"{n} {res['jax'][n][k]['decode_tok_s']:.1f} tok/s / prefill {res['jax'][n][k]['prefill_s']:.2f}s" for n in names
         )
-        took[("jax", (b, t))] = time.perf_counter() - ts
         print(f"[{time.perf_counter() - t_start:6.1f}s] {k}: {line} (shape took {time.perf_counter() - ts:.0f}s; "
               f"other processes used {fmt(jax_foreign)} cores)", flush=True)
         del sb
-        why = over_budget("torch", (b, t)) if torch_reason is None and (b, t) in torch_grid else None
-        if why:
-            res["torch"][k] = {"ok": False, "reason": why}
-            print(f"[{time.perf_counter() - t_start:6.1f}s] {k}: torch skipped ({why})", flush=True)
-        elif torch_reason is None and (b, t) in torch_grid:
+        if torch_reason is None and (b, t) in torch_grid:
             ts = time.perf_counter()
             meter = CpuMeter([torch_client.proc.pid])
             tr = torch_client.measure(b=b, t=t, steps=steps, seed=seed, repeats=torch_repeats, vocab=cfg.vocab_size)
             tr["other_processes_cpu_cores"] = meter.foreign_cores()
-            took[("torch", (b, t))] = time.perf_counter() - ts
             res["torch"][k] = tr
             if tr.get("ok"):
                 print(f"[{time.perf_counter() - t_start:6.1f}s] {k}: torch {tr['decode_tok_s']:.1f} tok/s / prefill "
@@ -733,12 +822,10 @@ def main() -> int:
     if torch_client is not None:
         torch_client.close()
 
-    ratios, worst, where = compute_ratios(res, measured)
+    ratios, worst, where = compute_ratios(res, measured, bandwidth)
     elapsed = time.perf_counter() - t_start
     info["loadavg_end"] = loadavg()
     print_report(res, measured, ratios, worst, where)
-    for k, why in skipped.items():
-        print(f"{k}: not measured ({why})")
     print(f"\nMethod: decode {steps} steps per timed call; JAX figures are the best of {repeats} interleaved "
           f"decode rounds and of {', '.join(f'{shape_key(*g)}: {min(prefill_repeats.get(g, repeats), repeats)}' for g in measured)} "
           f"prefill runs per variant; torch best of {torch_repeats} generate() call(s), timed by per-forward "
@@ -750,6 +837,11 @@ def main() -> int:
               + ", ".join(f"{k} {v:.2f}" for k, v in noisy.items())
               + f" of {info['cpu_count']}; those figures are disturbed (torch's OpenMP decode suffers most).")
     print(f"elapsed {elapsed:.1f}s")
+    quick_ok = None
+    if args.quick:
+        quick_ok = elapsed <= QUICK_LIMIT_S
+        print(f"--quick measured all {len(measured)} cells in {elapsed:.0f} s: "
+              f"{'within' if quick_ok else 'OVER'} the {QUICK_LIMIT_S} s limit")
 
     if args.json:
         out = {
@@ -761,6 +853,7 @@ def main() -> int:
             "pass": {k: None if worst[k] is None else (worst[k] >= v if op == ">=" else worst[k] <= v)
                      for k, (op, v) in TARGETS.items()},
             "ratios": ratios,
+            "bandwidth": bandwidth,
             "results": res,
             "machine": info,
             "settings": {
@@ -768,8 +861,10 @@ def main() -> int:
                 "model": "SmolLM2-135M-Instruct (embedded GGUF, dequantized to float32)",
                 "grid": [list(g) for g in grid],
                 "measured_grid": [list(g) for g in measured],
-                "skipped": skipped,
-                "time_budget_s": budget or None,
+                "long": args.long,
+                "layers": args.layers,
+                "quick_limit_s": QUICK_LIMIT_S if args.quick else None,
+                "quick_within_limit": quick_ok,
                 "torch_grid": sorted(list(g) for g in torch_grid),
                 "decode_steps": steps,
                 "decode_repeats": repeats,

@@ -90,7 +90,7 @@ def _counting_decode(counter: list):
 
     @functools.wraps(raw)
     def counted(*args, **kwargs):
-        counter.append(kwargs.get("steps", args[4] if len(args) > 4 else None))
+        counter.append(kwargs.get("steps", args[5] if len(args) > 5 else None))
         return raw(*args, **kwargs)
 
     return jax.jit(
@@ -225,6 +225,24 @@ def test_one_scan_equals_single_steps(tsw):
     _close(one.logits, many.logits, 1e-5)
     _close(one.memory.S, many.memory.S, 1e-6)
     np.testing.assert_array_equal(one.positions, many.positions)
+
+
+def test_per_layer_buffers_equal_the_layer_scan(tsw):
+    """Decode over per-layer weight copies (the CPU default) = decode over the stacked
+    layers with a scan: same tokens, logits, memory and cache."""
+    b, V = 2, tsw.cfg.vocab_size
+    prompt = jnp.asarray(np.random.default_rng(7).integers(1, V, (b, PAD_LEN)).astype(np.int32))
+
+    def fresh():
+        return prefill(tsw, prompt, _arange(b, PAD_LEN), jnp.ones((b, PAD_LEN), bool), KVCache.create(tsw.cfg, b, CACHE_LEN), _zeros(tsw, b))
+
+    scan, tok_scan, _ = decode(tsw, fresh(), N_NEW, scan_layers=True)
+    loop, tok_loop, _ = decode(tsw, fresh(), N_NEW, scan_layers=False)
+    np.testing.assert_array_equal(tok_loop, tok_scan)
+    _close(loop.logits, scan.logits, 1e-5)
+    _close(loop.memory.S, scan.memory.S, 1e-6)
+    _close(loop.cache.k, scan.cache.k, 1e-6)
+    assert gen_module.layer_buffers(tsw) is gen_module.layer_buffers(tsw)  # built once per model
 
 
 # ---------------------------------------------------------------------------- (b) padding
