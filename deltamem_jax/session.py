@@ -199,8 +199,8 @@ class Session:
         control = write_control(self.config, valid, self.next_message_id) if write else WriteControl(WriteMode.READ_ONLY)
         t0 = time.perf_counter()
 
-        def progress(done: int, total: int) -> None:
-            self.log(f"prefill {min(done, len(ids))}/{len(ids)} tokens, {time.perf_counter() - t0:.1f} s")
+        def progress(done: int, total: int) -> None:  # `total` counts the left padding too
+            self.log(f"prefill {max(0, done - (total - len(ids)))}/{len(ids)} tokens, {time.perf_counter() - t0:.1f} s")
 
         state = prefill(self.model, tokens, positions + position, valid, cache, memory, control,
                         segment=self.prefill_segment, progress=progress if len(ids) > self.prefill_segment else None)  # fmt: skip
