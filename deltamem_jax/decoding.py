@@ -171,8 +171,9 @@ def prefill(
 
 def scan_layers_default() -> bool:
     """Decode over stacked layers with a scan (GPU/TPU), or over per-layer buffers (CPU,
-    where the scan copies every layer's weight slice each step: measured ~2× slower at
-    batch 1 on this project's Intel Xeons, see `scripts/bench_decode.py --layers`)."""
+    where the scan copies every layer's weight slice each step: ../shared/notes/CPU_PERF.md
+    measured ~10.6 GB/s stacked vs 26–30 GB/s separate on the Intel Xeons; compare with
+    `scripts/bench_decode.py --layers scan|buffers`)."""
     return jax.default_backend() != "cpu"
 
 
