@@ -65,11 +65,12 @@ def episode_batch(cfg, batch: int, history: int, layout: Layout, seed: int = 0, 
     index = np.tile(np.arange(layout.read_len - a - 1, layout.read_len - 1, dtype=np.int32), (batch, 1))
     targets = np.take_along_axis(read.tokens, index + 1, axis=1)
     mask = np.ones((batch, a), bool)
+    value = np.zeros((batch, a), bool)  # the timing does not depend on the loss weights
     if session:
         turns = seg(batch * layout.max_turns, layout.turn_len)
         turns = Segment(*(x.reshape(batch, layout.max_turns, layout.turn_len) for x in (turns.tokens, turns.positions + 32, turns.valid)))
-        return Batch(seg(batch, 32), turns, None, read, index, targets, mask)
-    return Batch(seg(batch, 32), None, seg(batch, history), read, index, targets, mask)
+        return Batch(seg(batch, 32), turns, None, read, index, targets, mask, value)
+    return Batch(seg(batch, 32), None, seg(batch, history), read, index, targets, mask, value)
 
 
 def peak_bytes(compiled) -> int | None:

@@ -58,6 +58,7 @@ class Batch:
     target_index: np.ndarray  # [b, a] int32: read positions whose next token is a target
     targets: np.ndarray  # [b, a] int32
     target_mask: np.ndarray  # [b, a] bool
+    value_mask: np.ndarray  # [b, a] bool: targets that spell the told value (the recalled content)
 
     def tokens(self) -> int:
         """Real (unpadded) tokens the step processes: every turn re-reads the system segment."""
@@ -94,6 +95,22 @@ class Renderer:
         """A question as `Session.ask` reads it (after the system segment)."""
         return memory_only_turn(self.tokenizer, self.system_prompt, {"role": "user", "content": text}, True)[1]
 
+    def value_span(self, answer: str, value: str, answer_ids: list[int]) -> tuple[int, int]:
+        """[start, end) of the answer tokens that spell `value`; (0, 0) when there is none.
+
+        The span is found by encoding the answer up to the value and up to its end; if
+        BPE merges across either boundary (the prefixes do not match), the whole answer
+        counts as the value rather than guessing."""
+        at = answer.rfind(value) if value else -1
+        if at < 0:
+            return 0, 0
+        start_ids = self.tokenizer.encode(answer[:at].rstrip())
+        end_ids = self.tokenizer.encode(answer[: at + len(value)])
+        n, m = len(start_ids), len(end_ids)
+        if answer_ids[:n] != start_ids or answer_ids[:m] != end_ids or m <= n:
+            return 0, len(answer_ids)
+        return n, m
+
     def history_ids(self, ep: Episode) -> list[int]:
         messages = [{"role": "system", "content": self.system_prompt}] + [{"role": "user", "content": t} for t in ep.turns]
         return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=False))
@@ -112,10 +129,13 @@ class Renderer:
             turns = Segment(*(a.reshape(b, L.max_turns, L.turn_len) for a in (flat.tokens, flat.positions, flat.valid)))
         else:
             history = _segment([self.history_ids(e) for e in eps], L.history_len, what="history")
-        reads, index, targets, mask = [], np.zeros((b, L.answer_len), np.int32), np.zeros((b, L.answer_len), np.int32), np.zeros((b, L.answer_len), bool)
+        reads, index, targets = [], np.zeros((b, L.answer_len), np.int32), np.zeros((b, L.answer_len), np.int32)
+        mask, value_mask = np.zeros((b, L.answer_len), bool), np.zeros((b, L.answer_len), bool)
         for i, e in enumerate(eps):
             prompt = self.system_ids + self.question_ids(e.question)
-            answer = self.tokenizer.encode(e.answer) + [self.stop_id]
+            answer = self.tokenizer.encode(e.answer)
+            value_mask[i, slice(*self.value_span(e.answer, e.value, answer))] = True
+            answer = answer + [self.stop_id]
             if len(answer) > L.answer_len:
                 raise ValueError(f"answer of {len(answer)} tokens (stop included) exceeds Layout.answer_len={L.answer_len}")
             seq = prompt + answer
@@ -125,7 +145,7 @@ class Renderer:
             targets[i, : len(answer)] = answer
             mask[i, : len(answer)] = True
         read = _segment(reads, L.read_len, what="question and answer")
-        return Batch(system, turns, history, read, index, targets, mask)
+        return Batch(system, turns, history, read, index, targets, mask, value_mask)
 
 
 __all__ = ["Batch", "Layout", "PROTOCOLS", "Renderer", "Segment"]

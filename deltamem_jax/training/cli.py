@@ -32,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--update-rate", type=float, default=0.15, help="share of episodes whose asked fact is updated")
     p.add_argument("--never-said-rate", type=float, default=0.1, help="share of questions about something never said")
     p.add_argument("--turn-len", type=int, default=32)
+    p.add_argument("--value-weight", type=float, default=1.0, help="loss weight of the answer tokens that spell the told value")
     p.add_argument("--no-remat", action="store_true", help="keep activations instead of recomputing each layer")
     p.add_argument("--checkpoint-every", type=int, default=25)
     p.add_argument("--keep", type=int, default=3)
@@ -57,7 +58,7 @@ def config_from_args(a) -> "TrainConfig":
         optim=OptimConfig(learning_rate=a.lr, steps=a.steps, warmup=a.warmup, weight_decay=a.weight_decay, clip=a.clip, accumulate=a.accumulate),
         episodes=episodes, layout=Layout(max_turns=episodes.max_turns, turn_len=a.turn_len),
         memory=DeltaMemConfig(rank=a.rank, num_state_heads=a.sub_states, write_granularity=a.granularity, branches=tuple(a.branches.split(","))),
-        remat=not a.no_remat, checkpoint_every=a.checkpoint_every, keep=a.keep, eval_every=a.eval_every, eval_episodes=a.eval_episodes,
+        remat=not a.no_remat, checkpoint_every=a.checkpoint_every, keep=a.keep, eval_every=a.eval_every, eval_episodes=a.eval_episodes, value_weight=a.value_weight,
     )  # fmt: skip
 
 

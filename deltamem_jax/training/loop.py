@@ -46,6 +46,7 @@ class TrainConfig:
     keep: int = 3
     eval_every: int = 50  # micro-steps; 0 = never
     eval_episodes: int = 32
+    value_weight: float = 1.0  # loss weight of the told value's answer tokens (1 = plain answer CE)
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
@@ -105,10 +106,11 @@ def _restore(mgr, params, opt_state, expect: dict) -> tuple[Any, Any, int]:
 
     step = mgr.latest_step()
     meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    saved = {"backbone": meta.get("backbone"), "config": {**TrainConfig().to_json(), **meta.get("config", {})}}  # fields added later take their defaults
     for key in ("backbone", "config"):
-        if meta.get(key) != expect[key]:
+        if saved[key] != expect[key]:
             raise ValueError(
-                f"checkpoint {mgr.directory}/{step} was made with another {key}:\n  saved: {meta.get(key)}\n  now:   {expect[key]}\n"
+                f"checkpoint {mgr.directory}/{step} was made with another {key}:\n  saved: {saved[key]}\n  now:   {expect[key]}\n"
                 "use a new output folder, or the same settings to resume"
             )
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), {"params": params, "opt_state": opt_state})
@@ -156,7 +158,7 @@ def train(
     graphdef, params, frozen = split_model(model)
     tx = make_optimizer(config.optim)
     opt_state = tx.init(params)
-    step_fn = make_train_step(graphdef, tx, config.remat)
+    step_fn = make_train_step(graphdef, tx, config.remat, config.value_weight)
     probe_fn = make_recall_probe(graphdef)
     expect = {"backbone": _fingerprint(model)["model"], "config": config.to_json()}
     mgr = _manager(out, config.keep)
@@ -190,7 +192,8 @@ def train(
             if config.eval_every and (step % config.eval_every == 0 or step == total):
                 probe = {k: float(v) for k, v in probe_fn(params, frozen, eval_batch).items()}
                 log.write(json.dumps({"step": step, "eval": probe}) + "\n")
-                bar.write(f"step {step}: held-out answer CE matched {probe['matched']:.3f} | other {probe['other']:.3f} | empty {probe['empty']:.3f}")
+                bar.write(f"step {step}: held-out CE, answer / value tokens: matched {probe['matched']:.3f} / {probe['value_matched']:.3f}"
+                          f" | other {probe['other']:.3f} / {probe['value_other']:.3f} | empty {probe['empty']:.3f} / {probe['value_empty']:.3f}")
             log.flush()
             timed_out = time_limit is not None and time.perf_counter() - t_start > time_limit
             if step % config.checkpoint_every == 0 or step == end or timed_out:

@@ -76,18 +76,30 @@ def write_pass(model: Decoder, batch: Batch, memory: MemoryState, remat: bool) -
     return memory
 
 
-def answer_loss(model: Decoder, batch: Batch, memory: MemoryState | None, remat: bool) -> tuple[jax.Array, jax.Array]:
-    """Read pass (writes off) over system + question + answer: summed answer cross-entropy
-    and the number of answer tokens. Logits only at the answer positions."""
+def answer_ce(model: Decoder, batch: Batch, memory: MemoryState | None, remat: bool) -> jax.Array:
+    """Read pass (writes off) over system + question + answer: the cross-entropy of every
+    answer target, [b, a] (padding included; mask it). Logits only at the answer positions."""
     r = batch.read
     cache = KVCache.create(model.cfg, r.tokens.shape[0], r.tokens.shape[1])
     hidden, _, _ = model(r.tokens, r.positions, r.valid, cache, memory, WriteControl(WriteMode.READ_ONLY),
                          attend_cache=False, head=False, remat=remat)  # fmt: skip
     picked = jnp.take_along_axis(hidden, batch.target_index[..., None], axis=1)  # [b, a, d]
     logits = model.logits(picked)  # [b, a, v]
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch.targets)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch.targets)
+
+
+def target_weights(batch: Batch, value_weight: float) -> jax.Array:
+    """[b, a] loss weights: 1 per answer token, `value_weight` per token of the told value.
+
+    The answer's format ("Your dog's name is …") is learned from any non-empty memory
+    within a few hundred episodes; only the value tokens need recall, so weighting them
+    puts the gradient where the memory's content matters."""
     mask = batch.target_mask.astype(jnp.float32)
-    return jnp.sum(ce * mask), jnp.sum(mask)
+    return mask * (1.0 + (value_weight - 1.0) * batch.value_mask.astype(jnp.float32))
+
+
+def _mean(ce: jax.Array, weights: jax.Array) -> jax.Array:
+    return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1e-6)
 
 
 def beta_penalty(memory: MemoryState) -> jax.Array:
@@ -97,20 +109,22 @@ def beta_penalty(memory: MemoryState) -> jax.Array:
     return BETA_WEIGHT * jnp.mean((mean_beta - BETA_TARGET) ** 2)
 
 
-def episode_loss(params: nnx.State, frozen: nnx.State, graphdef, batch: Batch, remat: bool = True):
-    """Mean answer cross-entropy per token (+ β regularizer for the official protocol)."""
+def episode_loss(params: nnx.State, frozen: nnx.State, graphdef, batch: Batch, remat: bool = True, value_weight: float = 1.0):
+    """Weighted mean answer cross-entropy per token (+ β regularizer for the official protocol)."""
     model = nnx.merge(graphdef, params, frozen)
     official = batch.history is not None
     b = batch.read.tokens.shape[0]
     memory = MemoryState.zeros(model.cfg.num_layers, b, memory_of(model).config, gate_stats=official)
     memory = write_pass(model, batch, memory, remat)
-    ce_sum, count = answer_loss(model, batch, memory, remat)
-    ce = ce_sum / jnp.maximum(count, 1.0)
+    tokens = answer_ce(model, batch, memory, remat)
+    ce = _mean(tokens, batch.target_mask.astype(jnp.float32))
+    value_ce = _mean(tokens, (batch.target_mask & batch.value_mask).astype(jnp.float32))
+    loss = _mean(tokens, target_weights(batch, value_weight)) if value_weight != 1.0 else ce
     penalty = beta_penalty(memory) if official else jnp.zeros(())
-    return ce + penalty, {"ce": ce, "beta_penalty": penalty, "answer_tokens": count}
+    return loss + penalty, {"ce": ce, "value_ce": value_ce, "beta_penalty": penalty, "answer_tokens": jnp.sum(batch.target_mask)}
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, remat: bool = True):
+def make_train_step(graphdef, tx: optax.GradientTransformation, remat: bool = True, value_weight: float = 1.0):
     """`step(params, opt_state, frozen, batch) -> (params, opt_state, metrics)`, jitted once.
 
     Gradients are taken with respect to `params` (the memory) only; `frozen` is an
@@ -119,7 +133,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, remat: bool = Tr
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, frozen, batch):
-        (loss, aux), grads = jax.value_and_grad(episode_loss, has_aux=True)(params, frozen, graphdef, batch, remat)
+        (loss, aux), grads = jax.value_and_grad(episode_loss, has_aux=True)(params, frozen, graphdef, batch, remat, value_weight)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
@@ -141,7 +155,8 @@ def make_eval_loss(graphdef):
 def make_recall_probe(graphdef):
     """Jitted held-out answer CE with three memories: the episode's own ("matched"),
     another episode's (the batch rolled by one: "other") and none ("empty", the frozen
-    model). Only matched − other is recall; other − empty is format learned from any state."""
+    model); `value_<name>` is the same over the told value's tokens only. Only matched −
+    other is recall; other − empty is format learned from any state."""
 
     @jax.jit
     def probe(params, frozen, batch):
@@ -149,13 +164,14 @@ def make_recall_probe(graphdef):
         b = batch.read.tokens.shape[0]
         memory = write_pass(model, batch, MemoryState.zeros(model.cfg.num_layers, b, memory_of(model).config), False)
         other = MemoryState(S=jnp.roll(memory.S, 1, axis=1))
+        answer, value = batch.target_mask.astype(jnp.float32), (batch.target_mask & batch.value_mask).astype(jnp.float32)
         out = {}
         for name, mem in (("matched", memory), ("other", other), ("empty", None)):
-            ce_sum, count = answer_loss(model, batch, mem, False)
-            out[name] = ce_sum / jnp.maximum(count, 1.0)
+            tokens = answer_ce(model, batch, mem, False)
+            out[name], out[f"value_{name}"] = _mean(tokens, answer), _mean(tokens, value)
         return out
 
     return probe
 
 
-__all__ = ["make_recall_probe", "OptimConfig", "answer_loss", "beta_penalty", "episode_loss", "make_eval_loss", "make_optimizer", "make_train_step", "split_model", "write_pass"]
+__all__ = ["make_recall_probe", "OptimConfig", "answer_ce", "target_weights", "beta_penalty", "episode_loss", "make_eval_loss", "make_optimizer", "make_train_step", "split_model", "write_pass"]
