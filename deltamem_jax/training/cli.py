@@ -26,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sub-states", type=int, default=1, help="1 = TSW/SSW, 4 = MSW")
     p.add_argument("--granularity", default="token", choices=["token", "message_mean"], help="message_mean = SSW")
     p.add_argument("--branches", default="q,o", help="corrected projections, e.g. q,o or q,k,v,o")
+    p.add_argument("--layers", default="all", help="layers that carry memory: all, first, middle, last (a third each) or indices, e.g. 0,5,9")
+    p.add_argument("--update-mode", default="standard", choices=["standard", "no_lambda", "lambda_outside"], help="the delta rule's form (spec §2)")
     p.add_argument("--min-facts", type=int, default=1)
     p.add_argument("--max-facts", type=int, default=6)
     p.add_argument("--max-chitchat", type=int, default=2, help="chit-chat turns per episode (at most)")
@@ -44,7 +46,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--install-default", action="store_true", help="copy the exported adapter to the package's default adapter folder")
 
 
-def config_from_args(a) -> "TrainConfig":
+def target_layers(spec: str, num_layers: int) -> tuple[int, ...]:
+    """`all` → () (every layer); `first` / `middle` / `last` → that third; else indices."""
+    third = num_layers // 3
+    named = {"all": (), "first": tuple(range(third)), "middle": tuple(range(third, num_layers - third)),
+             "last": tuple(range(num_layers - third, num_layers))}  # fmt: skip
+    if spec in named:
+        return named[spec]
+    try:
+        layers = tuple(sorted({int(x) for x in spec.split(",")}))
+    except ValueError:
+        raise ValueError(f"--layers must be all, first, middle, last or comma-separated indices, got {spec!r}") from None
+    if not layers or layers[0] < 0 or layers[-1] >= num_layers:
+        raise ValueError(f"--layers {spec!r}: indices must lie in 0..{num_layers - 1}")
+    return layers
+
+
+def config_from_args(a, num_layers: int) -> "TrainConfig":
     from deltamem_jax.config import DeltaMemConfig
     from deltamem_jax.training.batches import Layout
     from deltamem_jax.training.data import EpisodeConfig
@@ -57,7 +75,8 @@ def config_from_args(a) -> "TrainConfig":
         protocol=a.protocol, batch_size=a.batch_size, seed=a.seed,
         optim=OptimConfig(learning_rate=a.lr, steps=a.steps, warmup=a.warmup, weight_decay=a.weight_decay, clip=a.clip, accumulate=a.accumulate),
         episodes=episodes, layout=Layout(max_turns=episodes.max_turns, turn_len=a.turn_len),
-        memory=DeltaMemConfig(rank=a.rank, num_state_heads=a.sub_states, write_granularity=a.granularity, branches=tuple(a.branches.split(","))),
+        memory=DeltaMemConfig(rank=a.rank, num_state_heads=a.sub_states, write_granularity=a.granularity, branches=tuple(a.branches.split(",")),
+                              update_mode=a.update_mode, target_layers=target_layers(a.layers, num_layers)),
         remat=not a.no_remat, checkpoint_every=a.checkpoint_every, keep=a.keep, eval_every=a.eval_every, eval_episodes=a.eval_episodes, value_weight=a.value_weight,
     )  # fmt: skip
 
@@ -69,8 +88,8 @@ def run(a) -> int:
     from deltamem_jax.session import DEFAULT_ADAPTER
     from deltamem_jax.training.loop import train
 
-    config = config_from_args(a)
     model, tok = load_backbone(a.model, a.dtype)
+    config = config_from_args(a, model.cfg.num_layers)
     command = "deltamem-jax train " + " ".join(shlex.quote(x) for x in sys.argv[2 if sys.argv[1:2] == ["train"] else 1 :])
     summary = train(config, a.out, model, tok, init_adapter=a.init_adapter, stop_after=a.stop_after, time_limit=a.time_limit, command=command)
     print(json.dumps(summary, indent=2, default=str))
@@ -90,4 +109,4 @@ def main(argv=None) -> int:
     return run(p.parse_args(argv))
 
 
-__all__ = ["add_arguments", "config_from_args", "main", "run"]
+__all__ = ["add_arguments", "config_from_args", "main", "run", "target_layers"]

@@ -1,0 +1,133 @@
+"""Regenerates the measured-results block of `docs/RESULTS.md` from the JSON results.
+
+Reads (each optional; missing ones are reported as not yet run):
+  docs/runs/locomo.json      python scripts/eval_locomo.py --json ...
+  docs/runs/suites.json      python scripts/eval_suites.py --json ...
+  docs/runs/ablation*.json   python scripts/ablate.py --json ...
+and rewrites the text between `<!-- report:begin -->` and `<!-- report:end -->` in
+`docs/RESULTS.md` (the hand-written narrative around it stays), plus the LoCoMo plot.
+Every table names the file (and so the command) it comes from.
+
+Usage: python scripts/make_report.py [--results docs/RESULTS.md] [--runs docs/runs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+BEGIN, END = "<!-- report:begin -->", "<!-- report:end -->"
+CATEGORIES = ("multi-hop", "temporal", "open-domain", "single-hop", "adversarial")
+PAPER = "paper (δ-mem on Qwen3-4B): 1.20× over the frozen backbone in protocol (b); memory-only F1 6.89 → 9.62"
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.2f}"
+
+
+def locomo_section(path: Path, plots: Path) -> list[str]:
+    if not path.is_file():
+        return ["### LoCoMo", "", f"Not yet run (`python scripts/eval_locomo.py --json {path}`).", ""]
+    s = json.loads(path.read_text())
+    protos = s["protocols"]
+    lines = ["### LoCoMo", "", f"From `{path}`: conversations {', '.join(s['conversations'])}, categories {s['categories']}, "
+             f"max questions per conversation {s['max_questions']}, {s['sampling']}, adapter `{s['adapter']}`, {s['seconds'] / 60:.0f} min.", "",
+             "| protocol | " + " | ".join(CATEGORIES) + " | F1 (1–4) | questions | ÷ frozen |", "|---|" + "---:|" * (len(CATEGORIES) + 3)]  # fmt: skip
+    frozen = protos.get("frozen", {}).get("f1")
+    control = protos.get("no_history", {}).get("f1")
+    for name, p in protos.items():
+        cells = [_pct(p["per_category"].get(c, {}).get("f1")) for c in CATEGORIES]
+        base = control if name == "memory_only" else frozen
+        ratio = f"{p['f1'] / base:.2f}×" if base and p["f1"] is not None and name not in ("frozen", "no_history") else ""
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_pct(p['f1'])} | {p['questions']} | {ratio} |")
+    lines += ["", f"Ratios: official and window_memory ÷ frozen; memory_only ÷ no_history (its control). For comparison, the {PAPER}.", ""]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        fig, ax = plt.subplots(figsize=(9, 4))
+        width = 0.8 / len(protos)
+        for i, (name, p) in enumerate(protos.items()):
+            ax.bar(np.arange(len(CATEGORIES)) + i * width, [100 * (p["per_category"].get(c, {}).get("f1") or 0) for c in CATEGORIES], width, label=name)
+        ax.set(xticks=np.arange(len(CATEGORIES)) + 0.4 - width / 2, xticklabels=CATEGORIES, ylabel="F1 (%)", title="LoCoMo per category")
+        ax.legend()
+        fig.tight_layout()
+        plots.mkdir(parents=True, exist_ok=True)
+        fig.savefig(plots / "locomo_categories.png", dpi=110)
+        plt.close(fig)
+        lines += [f"![LoCoMo per category]({Path('plots') / 'locomo_categories.png'})", ""]
+    except ImportError:
+        lines += ["(matplotlib not installed: no plot)", ""]
+    return lines
+
+
+def suites_section(path: Path) -> list[str]:
+    if not path.is_file():
+        return ["### Recall suites", "", f"Not yet run (`python scripts/eval_suites.py --json {path}`).", ""]
+    s = json.loads(path.read_text())
+    lines = ["### Recall suites", "", f"From `{path}` (adapter `{s['adapter']}`, {s['seconds'] / 60:.0f} min).", ""]
+    pk = s.get("passkey")
+    if pk:
+        lines += [f"Passkey (memory-only): accuracy {pk['accuracy']:.2f}, empty-memory control {pk['control_accuracy']:.2f}.", "",
+                  "| history tokens | " + " | ".join(f"depth {d}" for d in pk["by_depth"]) + " |", "|---:|" + "---:|" * len(pk["by_depth"])]  # fmt: skip
+        for n in pk["by_length"]:
+            row = [g["accuracy"] for g in pk["grid"] if str(g["history_tokens"]) == n]
+            lines.append(f"| {n} | " + " | ".join(f"{x:.2f}" for x in row) + " |")
+        lines += ["", "![passkey](plots/suite_passkey.png)", ""]
+    facts = s.get("facts")
+    if facts:
+        lines += ["| facts told | own memory | another episode's memory | episodes |", "|---:|---:|---:|---:|"]
+        lines += [f"| {n} | {v['accuracy']:.2f} | {v['mismatched']:.2f} | {v['n']} |" for n, v in facts.items()]
+        lines += ["", "![facts](plots/suite_facts.png)", ""]
+    up = s.get("updates")
+    if up:
+        lines += [f"Updates ({up['n']} episodes): later value {up['later_value']:.2f}, old value given {up['old_value']:.2f}, "
+                  f"later value with another episode's memory {up['mismatched']:.2f}.", ""]  # fmt: skip
+    return lines
+
+
+def ablation_section(paths: list[Path]) -> list[str]:
+    if not paths:
+        return ["### Ablations", "", "Not yet run (`python scripts/ablate.py --sweep FLAG=V1,V2 --json docs/runs/ablation_FLAG.json -- TRAIN FLAGS`).", ""]
+    lines = ["### Ablations", ""]
+    for path in paths:
+        s = json.loads(path.read_text())
+        lines += [f"From `{path}`: sweep `{s['sweep']}`, training flags `{' '.join(s['train_args'])}`, {s['eval_episodes']} held-out episodes.", "",
+                  "| value | memory-only | mismatched | probe matched | probe other | gap |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for r in s["results"]:
+            p = r["probe"] or {}
+            gap = p["other"] - p["matched"] if p else None
+            lines.append(f"| {r['value']} | {r['memory_only']:.3f} | {r['mismatched_memory']:.3f} | {p.get('matched', float('nan')):.3f} | "
+                         f"{p.get('other', float('nan')):.3f} | {'–' if gap is None else f'{gap:+.3f}'} |")  # fmt: skip
+        lines += ["", "![ablation](plots/ablation.png)", ""]
+    return lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default="docs/RESULTS.md")
+    p.add_argument("--runs", default="docs/runs")
+    a = p.parse_args(argv)
+    results, runs = Path(a.results), Path(a.runs)
+    block = [BEGIN, "", "## Benchmarks (generated by `python scripts/make_report.py`)", ""]
+    block += locomo_section(runs / "locomo.json", results.parent / "plots")
+    block += suites_section(runs / "suites.json")
+    block += ablation_section(sorted(runs.glob("ablation*.json")))
+    block.append(END)
+    text = results.read_text() if results.is_file() else "# Results\n\n"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + "\n".join(block) + text[text.index(END) + len(END) :]
+    else:
+        text = text.rstrip() + "\n\n" + "\n".join(block) + "\n"
+    results.write_text(text)
+    print(f"rewrote the generated block of {results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
