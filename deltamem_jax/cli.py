@@ -122,6 +122,9 @@ def cmd_chat(args) -> int:
 DEMO_FACTS = ["My dog is called Pixel.", "My favourite colour is green.", "I was born in Lisbon.", "My door code is 4821."]
 DEMO_QUESTIONS = [("What's my dog called?", "Pixel"), ("What is my favourite colour?", "green"),
                   ("Where was I born?", "Lisbon"), ("What is my door code?", "4821")]  # fmt: skip
+# The same facts with other values: an adapter that answers a told value from this memory
+# too has learned a favourite answer, not the memory's content (the mismatched control).
+DEMO_OTHER_FACTS = ["My dog is called Biscuit.", "My favourite colour is purple.", "I was born in Oslo.", "My door code is 1357."]
 
 
 def cmd_demo(args) -> int:
@@ -147,14 +150,20 @@ def cmd_demo(args) -> int:
     print("Session 2: a fresh session loaded from disk; the facts are only in its memory.")
     s = Session.load(out, model, tok, max_new_tokens=args.max_new_tokens, adapter_note=note)
     blank = Session(s.model, s.tokenizer, "memory-only", max_new_tokens=args.max_new_tokens)
-    recalled = {"memory": 0, "empty memory (control)": 0}
+    other = Session(s.model, s.tokenizer, "memory-only", max_new_tokens=args.max_new_tokens)
+    for fact in DEMO_OTHER_FACTS:
+        other.remember(fact)
+    recalled = {"memory": 0, "another memory (control)": 0, "empty memory (control)": 0}
     for q, value in DEMO_QUESTIONS:
         t = time.perf_counter()
-        a, c = s.ask(q).strip(), blank.ask(q).strip()
-        recalled["memory"] += value.lower() in a.lower()
-        recalled["empty memory (control)"] += value.lower() in c.lower()
-        print(f"  Q: {q}\n  A (memory):       {a}  ({time.perf_counter() - t:.1f} s)\n  A (empty memory): {c}")
+        answers = {"memory": s.ask(q).strip(), "another memory (control)": other.ask(q).strip(), "empty memory (control)": blank.ask(q).strip()}
+        for k, a in answers.items():
+            recalled[k] += value.lower() in a.lower()
+        print(f"  Q: {q}  ({time.perf_counter() - t:.1f} s)")
+        for k, a in answers.items():
+            print(f"  A ({k}): {a}")
     print("\nTold values found in the answers: " + ", ".join(f"{k} {v}/{len(DEMO_QUESTIONS)}" for k, v in recalled.items()))
+    print("(another memory holds the same facts with other values: a told value found there too is the adapter's favourite answer, not recall)")
     if "untrained" in s.adapter_note:
         print("Note: the adapter is untrained, so recall from memory is not expected.")
     print(f"\nDone in {time.perf_counter() - t0:.1f} s.")
