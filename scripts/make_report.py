@@ -23,6 +23,13 @@ CATEGORIES = ("multi-hop", "temporal", "open-domain", "single-hop", "adversarial
 PAPER = "paper (δ-mem on Qwen3-4B): 1.20× over the frozen backbone in protocol (b); memory-only F1 6.89 → 9.62"
 
 
+def _rel(path: str) -> str:
+    """A path inside this repository relative to its root (results name adapters absolutely)."""
+    root = Path(__file__).resolve().parents[1]
+    p = Path(path)
+    return str(p.relative_to(root)) if p.is_absolute() and p.is_relative_to(root) else path
+
+
 def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.2f}"
 
@@ -33,7 +40,7 @@ def locomo_section(path: Path, plots: Path) -> list[str]:
     s = json.loads(path.read_text())
     protos = s["protocols"]
     lines = ["### LoCoMo", "", f"From `{path}`: conversations {', '.join(s['conversations'])}, categories {s['categories']}, "
-             f"max questions per conversation {s['max_questions']}, {s['sampling']}, adapter `{s['adapter']}`, {s['seconds'] / 60:.0f} min.", "",
+             f"max questions per conversation {s['max_questions']}, {s['sampling']}, adapter `{_rel(s['adapter'])}`, {s['seconds'] / 60:.0f} min.", "",
              "| protocol | " + " | ".join(CATEGORIES) + " | F1 (1–4) | questions | ÷ frozen |", "|---|" + "---:|" * (len(CATEGORIES) + 3)]  # fmt: skip
     frozen = protos.get("frozen", {}).get("f1")
     control = protos.get("no_history", {}).get("f1")
@@ -70,7 +77,7 @@ def suites_section(path: Path) -> list[str]:
     if not path.is_file():
         return ["### Recall suites", "", f"Not yet run (`python scripts/eval_suites.py --json {path}`).", ""]
     s = json.loads(path.read_text())
-    lines = ["### Recall suites", "", f"From `{path}` (adapter `{s['adapter']}`, {s['seconds'] / 60:.0f} min).", ""]
+    lines = ["### Recall suites", "", f"From `{path}` (adapter `{_rel(s['adapter'])}`, {s['seconds'] / 60:.0f} min).", ""]
     pk = s.get("passkey")
     if pk:
         lines += [f"Passkey (memory-only): accuracy {pk['accuracy']:.2f}, empty-memory control {pk['control_accuracy']:.2f}.", "",
