@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from deltamem_jax.forward import forward
+from deltamem_jax.forward import forward, keep_shardings, placed_shardings
 from deltamem_jax.state import MemoryState, WriteControl, WriteMode
 from models.decoder import Decoder, KVCache, split_layers
 
@@ -191,9 +191,9 @@ def layer_buffers(model: Decoder) -> list:
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "steps", "sampling", "write"), donate_argnames=("state",)
+    jax.jit, static_argnames=("graphdef", "steps", "sampling", "write", "shardings"), donate_argnames=("state",)
 )
-def _decode(graphdef, params, buffers, state: DecodeState, stop_ids, steps: int, sampling: Sampling, write: WriteMode):
+def _decode(graphdef, params, buffers, state: DecodeState, stop_ids, steps: int, sampling: Sampling, write: WriteMode, shardings):
     model = nnx.merge(graphdef, params)
     control = WriteControl(write)
 
@@ -208,7 +208,7 @@ def _decode(graphdef, params, buffers, state: DecodeState, stop_ids, steps: int,
         )
         done = s.done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
         new = DecodeState(cache, memory, logits[:, -1], s.positions + live, key, done)
-        return new, (tok, live)
+        return keep_shardings(new, shardings), (tok, live)  # the carry stays where it was placed
 
     state, (tokens, live) = jax.lax.scan(step, state, None, length=steps)
     return state, tokens.T, live.T  # [b, steps]
@@ -226,7 +226,8 @@ def decode(
     """`steps` tokens per row in one compiled scan. Returns (state, tokens, live) `[b, steps]`.
 
     `live` is False for steps after a row produced a stop token (those tokens are
-    padding and were neither cached nor written). `state` is donated. `scan_layers`
+    padding and were neither cached nor written). `state` is donated; on a mesh, every part
+    of it keeps its sharding through the loop (`placed_shardings`). `scan_layers`
     (default `scan_layers_default()`): False runs the layers over per-layer copies of
     their weights (`layer_buffers`, kept per model: the weights' memory twice).
     """
@@ -239,7 +240,7 @@ def decode(
     stop = jnp.asarray(list(stop_ids) + [-1] * (MAX_STOP_IDS - len(stop_ids)), jnp.int32)
     scan = scan_layers_default() if scan_layers is None else scan_layers
     buffers = None if scan else layer_buffers(model)
-    return _decode(graphdef, params, buffers, state, stop, steps, sampling, write)
+    return _decode(graphdef, params, buffers, state, stop, steps, sampling, write, placed_shardings(state))
 
 
 def stream(

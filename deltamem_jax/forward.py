@@ -1,4 +1,8 @@
-"""One jit-compiled forward call over a model given as (graphdef, params) pytrees."""
+"""One jit-compiled forward call over a model given as (graphdef, params) pytrees.
+
+On a mesh, the KV cache and memory state leave the call with the shardings they came in
+with (`keep_shardings`), so a prefill followed by a decode loop never reshards them.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,29 @@ import functools
 
 import jax
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from deltamem_jax.state import MemoryState, WriteControl
 from models.decoder import Decoder, KVCache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "attend_cache", "last_only"))
-def _forward(graphdef, params, tokens, positions, valid, cache, memory, control, attend_cache, last_only):
+def placed_shardings(tree):
+    """The mesh sharding of every leaf of `tree` (None for a leaf not on a mesh): a hashable
+    static argument that tells a compiled call where its carried state must stay."""
+    return jax.tree.map(lambda x: x.sharding if isinstance(getattr(x, "sharding", None), NamedSharding) else None, tree)
+
+
+def keep_shardings(tree, shardings):
+    """`tree` constrained to `shardings` (from `placed_shardings`; None leaves are left free)."""
+    return jax.tree.map(lambda x, s: x if s is None else jax.lax.with_sharding_constraint(x, s), tree, shardings)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "attend_cache", "last_only", "shardings"))
+def _forward(graphdef, params, tokens, positions, valid, cache, memory, control, attend_cache, last_only, shardings):
     model = nnx.merge(graphdef, params)
-    return model(tokens, positions, valid, cache, memory, control, attend_cache=attend_cache, last_only=last_only)
+    logits, cache, memory = model(tokens, positions, valid, cache, memory, control, attend_cache=attend_cache, last_only=last_only)
+    cache, memory = keep_shardings((cache, memory), shardings)
+    return logits, cache, memory
 
 
 def forward(
@@ -34,4 +52,5 @@ def forward(
     `memory=None` runs the frozen backbone even when δ-mem is attached.
     """
     graphdef, params = nnx.split(model)
-    return _forward(graphdef, params, tokens, positions, valid, cache, memory, control or WriteControl(), attend_cache, last_only)
+    shardings = placed_shardings((cache, memory))
+    return _forward(graphdef, params, tokens, positions, valid, cache, memory, control or WriteControl(), attend_cache, last_only, shardings)

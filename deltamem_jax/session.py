@@ -211,16 +211,15 @@ class Session:
     # -- persistence ----------------------------------------------------------------
 
     def save(self, path: str | Path) -> Path:
-        """Saves the memory (and, in context+memory mode, the KV cache) with orbax, atomically."""
+        """Saves the memory (and, in context+memory mode, the KV cache) with orbax, atomically.
+
+        Arrays on a mesh are written shard by shard, each process writing its own."""
         import orbax.checkpoint as ocp
 
         path = Path(path).absolute()
-        arrays = {"memory": np.asarray(self.memory.S)}
+        arrays = {"memory": self.memory.S}
         if self.cache is not None:
-            arrays.update(
-                cache_k=np.asarray(self.cache.k), cache_v=np.asarray(self.cache.v),
-                cache_valid=np.asarray(self.cache.valid), cache_end=np.asarray(self.cache.end),
-            )
+            arrays.update(cache_k=self.cache.k, cache_v=self.cache.v, cache_valid=self.cache.valid, cache_end=self.cache.end)
         meta = {
             "format": "deltamem-jax-session/1",
             "fingerprint": self.fingerprint,
@@ -241,10 +240,13 @@ class Session:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, model: Decoder | None = None, tokenizer: Tokenizer | None = None, **kwargs) -> Session:
+    def load(cls, path: str | Path, model: Decoder | None = None, tokenizer: Tokenizer | None = None, *, mesh=None, **kwargs) -> Session:
         """Restores a saved session onto `model` (default: `Session.default`'s model).
 
-        A session saved for another backbone or adapter is refused.
+        A session saved for another backbone or adapter is refused. With `mesh`, the
+        memory and KV cache are restored straight onto it (batch on the data axis, KV heads
+        as the rules say), whatever mesh or device they were saved from; else onto the
+        default device.
         """
         import orbax.checkpoint as ocp
 
@@ -265,18 +267,40 @@ class Session:
                     f"(saved {meta['fingerprint']['model']} / adapter {meta['fingerprint']['adapter'][:12]}, "
                     f"this one {session.fingerprint['model']} / adapter {session.fingerprint['adapter'][:12]})"
                 )
-            arrays = ckpt.restore(path, args=ocp.args.Composite(arrays=ocp.args.PyTreeRestore()))["arrays"]
-        session.memory = MemoryState(S=jnp.asarray(arrays["memory"]))
+            targets = _restore_targets(session, mesh)
+            arrays = ckpt.restore(path, args=ocp.args.Composite(arrays=ocp.args.PyTreeRestore(
+                restore_args=jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype), targets))))["arrays"]  # fmt: skip
+        session.memory = MemoryState(S=arrays["memory"])
         if session.mode == Mode.CONTEXT_AND_MEMORY:
-            session.cache = KVCache(
-                k=jnp.asarray(arrays["cache_k"]), v=jnp.asarray(arrays["cache_v"]),
-                valid=jnp.asarray(arrays["cache_valid"]), end=jnp.asarray(arrays["cache_end"], jnp.int32),
-            )
+            session.cache = KVCache(k=arrays["cache_k"], v=arrays["cache_v"], valid=arrays["cache_valid"], end=arrays["cache_end"])
         session.history = meta["history"]
         session.fed_text = meta["fed_text"]
         session.position = meta["position"]
         session.next_message_id = meta["next_message_id"]
         return session
+
+
+def _restore_targets(session: Session, mesh) -> dict:
+    """Shapes, dtypes and shardings of a session's saved arrays (its fresh state's shapes)."""
+    from jax.sharding import SingleDeviceSharding
+
+    memory, cache = session.memory, session.cache
+    if mesh is None:
+        device = SingleDeviceSharding(jax.local_devices()[0])
+        memory_sh = MemoryState(S=device)
+        cache_sh = None if cache is None else KVCache(k=device, v=device, valid=device, end=device)
+    else:
+        from deltamem_jax.sharding import memory_shardings
+        from models.sharding import cache_shardings
+
+        memory_sh = memory_shardings(memory, mesh)
+        cache_sh = None if cache is None else cache_shardings(cache, mesh)
+    out = {"memory": jax.ShapeDtypeStruct(memory.S.shape, memory.S.dtype, sharding=memory_sh.S)}
+    if cache is not None:
+        for name in ("k", "v", "valid", "end"):
+            x = getattr(cache, name)
+            out[f"cache_{name}"] = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(cache_sh, name))
+    return out
 
 
 def memory_only_turn(tokenizer: Tokenizer, system_prompt: str, message: dict, generation_prompt: bool) -> tuple[list[int], list[int]]:

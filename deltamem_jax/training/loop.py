@@ -113,7 +113,9 @@ def _restore(mgr, params, opt_state, expect: dict) -> tuple[Any, Any, int]:
                 f"checkpoint {mgr.directory}/{step} was made with another {key}:\n  saved: {saved[key]}\n  now:   {expect[key]}\n"
                 "use a new output folder, or the same settings to resume"
             )
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), {"params": params, "opt_state": opt_state})
+    # restored straight onto where `params` and `opt_state` live now: one device, or any mesh
+    # (each process reading only its shards), whatever mesh the checkpoint was saved from
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), {"params": params, "opt_state": opt_state})
     state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     return state["params"], state["opt_state"], int(meta["micro_step"])
 
