@@ -1,0 +1,136 @@
+"""Two processes of four CPU devices each, one 4×2 mesh over both, equal one process.
+
+The processes talk over localhost through JAX's own multi-controller runtime
+(`jax.distributed.initialize`) with gloo CPU collectives, as hosts of a TPU pod or a GPU
+cluster would. Each runs `sharded_cases.run` on the global mesh (the data axis spans the
+two processes, the model axis stays within one): parameters created sharded, a prefill and
+a decode loop with δ-mem, four micro-steps of the train step. Each process builds only its
+own rows of every batch. The results, gathered, must equal a single-process run on one
+device (`test_sharding.py reference`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TOL = 1e-5
+PROCESSES, LOCAL_DEVICES = 2, 4
+DATA, MODEL = 4, 2
+
+
+def _worker(process_id: int, port: int, out: str) -> dict:
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", LOCAL_DEVICES)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=PROCESSES, process_id=process_id)
+    sys.path.insert(0, str(HERE))
+    import numpy as np
+    import sharded_cases
+
+    import models
+
+    assert jax.process_count() == PROCESSES and len(jax.devices()) == PROCESSES * LOCAL_DEVICES
+    mesh = models.make_mesh(DATA, MODEL)
+    result = sharded_cases.run(mesh)
+    if process_id == 0:
+        np.savez(out, **result["values"])
+    report = {
+        "process": jax.process_index(),
+        "local_devices": len(jax.local_devices()),
+        "rows_built": sharded_cases.ROWS_BUILT,
+        "same_sharding": result["same_sharding"],
+        "specs": result["specs"],
+    }
+    jax.distributed.shutdown()
+    return report
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
+    print("RESULT " + json.dumps(_worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])), flush=True)
+    sys.exit(0)
+
+
+# ---------------------------------------------------------------------------- tests
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _result(proc: subprocess.CompletedProcess, what: str) -> dict:
+    if proc.returncode != 0:
+        pytest.fail(f"{what} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, f"no result from {what}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("multiprocess")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # one process, one device
+    ref = subprocess.run([sys.executable, str(HERE / "test_sharding.py"), "reference", str(tmp / "single.npz")],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=HERE.parent)  # fmt: skip
+    _result(ref, "the single-process reference")
+    # two processes over localhost
+    port = _free_port()
+    procs = [
+        subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "worker", str(i), str(port), str(tmp / "sharded.npz")],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE.parent)  # fmt: skip
+        for i in range(PROCESSES)
+    ]
+    reports = []
+    try:
+        for i, p in enumerate(procs):
+            stdout, stderr = p.communicate(timeout=600)
+            reports.append(_result(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr), f"process {i}"))
+    finally:
+        for p in procs:  # only the workers started here
+            if p.poll() is None:
+                p.kill()
+    return {"single": dict(np.load(tmp / "single.npz")), "sharded": dict(np.load(tmp / "sharded.npz")), "reports": reports}
+
+
+def test_two_processes_form_one_mesh(runs):
+    assert [r["process"] for r in runs["reports"]] == list(range(PROCESSES))
+    assert all(r["local_devices"] == LOCAL_DEVICES for r in runs["reports"])
+
+
+def test_two_processes_equal_one(runs):
+    """Prefill, decode loop, gradients and updated parameters equal one process on one device."""
+    single, sharded = runs["single"], runs["sharded"]
+    assert set(single) == set(sharded)
+    assert any(k.startswith("grad") for k in single) and "decode_memory" in single
+    for name, want in single.items():
+        have = sharded[name]
+        assert have.shape == want.shape and np.isfinite(have).all(), name
+        err = float(np.max(np.abs(have.astype(np.float64) - want)))
+        assert err <= TOL, f"{name}: two processes vs one differ by {err:.3e}"
+
+
+def test_each_process_builds_only_its_rows(runs):
+    """The data axis runs across the processes: process i renders rows [4i, 4i+4) only."""
+    rows = 8 // PROCESSES
+    for r in runs["reports"]:
+        i = r["process"]
+        assert sorted(map(tuple, r["rows_built"])) == [("prompt", rows * i, rows), ("train", rows * i, rows)]
+
+
+def test_state_keeps_its_sharding_across_processes(runs):
+    for r in runs["reports"]:
+        assert r["same_sharding"] == {"prefill": True, "decode": True, "params_after_steps": True, "opt_state_after_steps": True}
+        assert r["specs"]["memory_state"] == [None, "data", None, None, None]
+        assert r["specs"]["delta_q"] == [None, None, "model", None]
