@@ -49,16 +49,25 @@ PROGRESS_FROM = 2048  # prompts longer than this show a prefill progress bar
 def cmd_generate(args) -> int:
     from tqdm import tqdm
 
+    from deltamem_jax import distributed
     from deltamem_jax.decoding import check_context, generate
+    from models.sharding import shard_model
 
+    distributed.initialize(args)
     model, tok = load_backbone(args.model)
     note = _attach(model, args)
-    print(f"[{note}]", file=sys.stderr)
+    mesh = distributed.mesh(args)
+    if mesh is not None:  # every process runs the same generation; process 0 prints it
+        shard_model(model, mesh)
+        note += f"; sharded over a {mesh.shape['data']}×{mesh.shape['model']} mesh"
+    main = distributed.is_main()
+    if main:
+        print(f"[{note}]", file=sys.stderr)
     prompts = [tok.encode_chat([{"role": "user", "content": p}]) if args.chat else tok.encode(p) for p in args.prompt]
     longest = max(len(p) for p in prompts)
     check_context(model.cfg, longest, args.max_new_tokens)  # before any compilation
     t0 = time.perf_counter()
-    bar = tqdm(total=longest, desc="prefill", unit="tok", file=sys.stderr) if longest > PROGRESS_FROM else None
+    bar = tqdm(total=longest, desc="prefill", unit="tok", file=sys.stderr) if longest > PROGRESS_FROM and main else None
 
     def progress(done: int, total: int) -> None:  # the padded total includes left padding
         bar.n = max(0, min(longest, done - (total - longest)))
@@ -69,6 +78,8 @@ def cmd_generate(args) -> int:
     if bar:
         bar.close()
     dt = time.perf_counter() - t0
+    if not main:
+        return 0
     for p, r in zip(args.prompt, replies):
         print(f"> {p}\n{tok.decode(r)}\n")
     n = sum(len(r) for r in replies)
@@ -171,6 +182,8 @@ def cmd_demo(args) -> int:
 
 
 def main(argv=None) -> int:
+    from deltamem_jax import distributed
+
     p = argparse.ArgumentParser(prog="deltamem-jax", description="δ-mem on frozen LLMs, in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -188,6 +201,7 @@ def main(argv=None) -> int:
     g.add_argument("--raw", dest="chat", action="store_false", help="no chat template")
     g.add_argument("--seed", type=int, default=0)
     common(g)
+    distributed.add_arguments(g)
     g.set_defaults(fn=cmd_generate)
 
     c = sub.add_parser("chat", help="interactive chat whose memory persists across turns")

@@ -27,6 +27,7 @@ from flax import nnx, struct
 from deltamem_jax.forward import forward, keep_shardings, placed_shardings
 from deltamem_jax.state import MemoryState, WriteControl, WriteMode
 from models.decoder import Decoder, KVCache, split_layers
+from models.sharding import gather
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,7 +263,8 @@ def stream(
         n = min(chunk, left)
         state, tokens, live = decode(model, state, n, stop_ids, sampling, write)
         left -= n
-        yield np.where(np.asarray(live), np.asarray(tokens), -1)
+        live, tokens = gather((live, tokens))  # whole on every process, however it was sharded
+        yield np.where(live, tokens, -1)
         if bool(jnp.all(state.done)):
             break
     if on_state is not None:

@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from deltamem_jax.decoding import DecodeState
 from deltamem_jax.state import MemoryState
-from models.sharding import ShardingRules, cache_shardings, put
+from models.sharding import ShardingRules, cache_shardings, gather, put
 
 
 def memory_shardings(memory: MemoryState, mesh: Mesh, rules: ShardingRules = ShardingRules()) -> MemoryState:
@@ -77,19 +77,6 @@ def from_process_rows(local, rows: int, mesh: Mesh, rules: ShardingRules = Shard
         return jax.make_array_from_process_local_data(sharding, x, shape)
 
     return jax.tree.map(one, local)
-
-
-def gather(tree):
-    """Every array's full value as NumPy on every process (an all-gather where a process
-    holds only part of it)."""
-    from jax.experimental import multihost_utils
-
-    def one(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return np.asarray(x)
-
-    return jax.tree.map(one, tree)
 
 
 __all__ = ["created", "decode_shardings", "from_process_rows", "gather", "memory_shardings", "place", "process_rows"]

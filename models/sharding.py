@@ -139,6 +139,19 @@ def put(value, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
+def gather(tree):
+    """Every array's full value as NumPy on every process (an all-gather where a process
+    holds only part of it)."""
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
+
+
 def shard_model(model: nnx.Module, mesh: Mesh, rules: ShardingRules = ShardingRules()) -> None:
     """Moves every array of `model` onto `mesh` as its logical axes and `rules` say (in place)."""
     state = nnx.state(model)
@@ -164,6 +177,7 @@ __all__ = [
     "batch_shardings",
     "cache_shardings",
     "create_sharded",
+    "gather",
     "make_mesh",
     "parse_mesh",
     "put",

@@ -7,6 +7,9 @@ the `eval` split (values and phrasings never seen in training), seed `--seed`.
 Usage:
   python scripts/eval_recall.py --json out.json                # 200 episodes, default adapter
   python scripts/eval_recall.py --limit 40 --adapter runs/x/adapter --json out.json
+  python scripts/eval_recall.py --mesh 4x2 --json out.json     # the model sharded over 8 devices
+  # on each of two hosts (process ids 0 and 1), the same command but for --process-id:
+  python scripts/eval_recall.py --coordinator host0:1234 --num-processes 2 --process-id 0 --mesh 8x1
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import time
 
 import jax.numpy as jnp
 
+from deltamem_jax import distributed
 from deltamem_jax.adapter import load_adapter
 from deltamem_jax.cli import load_backbone
 from deltamem_jax.evaluation.recall import CONDITIONS, RecallEvaluator, correct, perplexity, plain_text_chunks, summarize, token_f1
 from deltamem_jax.session import DEFAULT_ADAPTER
 from deltamem_jax.training.data import EpisodeConfig, episodes
+from models.sharding import shard_model
 
 LOCOMO = "../shared/data/locomo/locomo10.json"
 
@@ -40,11 +45,17 @@ def main() -> int:
     p.add_argument("--ppl-text", default=LOCOMO, help="plain text for the perplexity ratio (LoCoMo JSON)")
     p.add_argument("--ppl-chunks", type=int, default=8)
     p.add_argument("--ppl-length", type=int, default=512)
+    distributed.add_arguments(p)
     a = p.parse_args()
+    distributed.initialize(a)
+    main_process = distributed.is_main()  # prints and writes; every process computes
 
     t0 = time.perf_counter()
     model, tok = load_backbone(a.model)
     load_adapter(model, a.adapter)
+    mesh = distributed.mesh(a)
+    if mesh is not None:
+        shard_model(model, mesh)
     n = min(a.episodes, a.limit or a.episodes)
     eps = episodes(a.seed, "eval", 0, n, EpisodeConfig(max_facts=a.max_facts))
     ev = RecallEvaluator(model, tok)
@@ -58,7 +69,8 @@ def main() -> int:
             for c in CONDITIONS:
                 rec[c] = {"reply": ans[c][j], "correct": correct(ans[c][j], e), "f1": token_f1(ans[c][j], e.answer)}
             records.append(rec)
-        print(f"[{min(i + a.batch, n)}/{n} episodes, {time.perf_counter() - t0:.0f} s]", flush=True)
+        if main_process:
+            print(f"[{min(i + a.batch, n)}/{n} episodes, {time.perf_counter() - t0:.0f} s]", flush=True)
     summary = summarize(records)
     chunks, source = plain_text_chunks(tok, a.ppl_text, a.ppl_chunks, a.ppl_length)
     ppl_frozen = perplexity(model, chunks, with_memory=False)
@@ -68,6 +80,8 @@ def main() -> int:
                                                              "chunks": a.ppl_chunks, "tokens_per_chunk": a.ppl_length},
         adapter=a.adapter, episodes=n, seed=a.seed, seconds=time.perf_counter() - t0,
     )  # fmt: skip
+    if not main_process:
+        return 0
 
     print(f"\n{n} held-out episodes ({summary['n_answerable']} answerable), adapter {a.adapter}")
     print(f"{'condition':<20}{'accuracy':>10}{'F1':>8}")

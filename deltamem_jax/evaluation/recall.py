@@ -35,6 +35,7 @@ from deltamem_jax.training.batches import Renderer
 from deltamem_jax.training.data import Episode
 from deltamem_jax.training.step import write_pass
 from models.decoder import KVCache
+from models.sharding import gather
 
 CONDITIONS = ("floor", "ceiling", "memory_only", "context_memory", "mismatched_memory")
 NOT_TOLD = ("haven't told", "have not told", "didn't tell", "did not tell", "don't know", "do not know",
@@ -85,7 +86,8 @@ class RecallEvaluator:
         mode = WriteMode.TOKENS if write else WriteMode.READ_ONLY
         state = prefill(self.model, tokens, positions, valid, cache, memory, WriteControl(mode))
         _, out, live = decode(self.model, state, self.max_new_tokens, self.tok.eos_ids, write=mode)
-        out = np.where(np.asarray(live), np.asarray(out), -1)
+        live, out = gather((live, out))  # whole on every process, however it was sharded
+        out = np.where(live, out, -1)
         return [self.tok.decode([int(t) for t in row if t >= 0]) for row in out]
 
     def answers(self, eps: Sequence[Episode], conditions: Sequence[str] = CONDITIONS) -> dict[str, list[str]]:

@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop-after", type=int, help="end this invocation after N micro-steps (resumable)")
     p.add_argument("--time-limit", type=float, help="end this invocation after N seconds (resumable)")
     p.add_argument("--install-default", action="store_true", help="copy the exported adapter to the package's default adapter folder")
+    from deltamem_jax import distributed
+
+    distributed.add_arguments(p)
 
 
 def target_layers(spec: str, num_layers: int) -> tuple[int, ...]:
@@ -84,14 +87,19 @@ def config_from_args(a, num_layers: int) -> "TrainConfig":
 def run(a) -> int:
     import shutil
 
+    from deltamem_jax import distributed
     from deltamem_jax.cli import load_backbone
     from deltamem_jax.session import DEFAULT_ADAPTER
     from deltamem_jax.training.loop import train
 
+    distributed.initialize(a)  # every process runs this same command; process 0 reports
     model, tok = load_backbone(a.model, a.dtype)
     config = config_from_args(a, model.cfg.num_layers)
     command = "deltamem-jax train " + " ".join(shlex.quote(x) for x in sys.argv[2 if sys.argv[1:2] == ["train"] else 1 :])
-    summary = train(config, a.out, model, tok, init_adapter=a.init_adapter, stop_after=a.stop_after, time_limit=a.time_limit, command=command)
+    summary = train(config, a.out, model, tok, init_adapter=a.init_adapter, stop_after=a.stop_after, time_limit=a.time_limit,
+                    command=command, mesh=distributed.mesh(a))  # fmt: skip
+    if not distributed.is_main():
+        return 0
     print(json.dumps(summary, indent=2, default=str))
     if a.install_default:
         if summary["steps"] < summary["total"]:

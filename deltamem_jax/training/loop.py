@@ -6,12 +6,18 @@ never picked up), `metrics.jsonl` (one record per step, plus held-out recall pro
 `training_curves.png` and `adapter/` (the official adapter folder with
 `training_metadata.json`). Rerunning the same command resumes where it stopped and
 reproduces the same losses: episode i of the stream is a pure function of (seed, i).
+
+On a `mesh` (one process or several: `deltamem_jax.distributed`) the step is the same,
+compiled with explicit shardings (`training/sharded.py`); each process renders only its
+rows of every batch, writes its own checkpoint shards, and process 0 writes the logs and
+the adapter. A checkpoint resumes onto any mesh, or onto one device.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
@@ -19,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -27,7 +34,9 @@ from deltamem_jax.config import DeltaMemConfig
 from deltamem_jax.session import _fingerprint
 from deltamem_jax.training.batches import PROTOCOLS, Layout, Renderer
 from deltamem_jax.training.data import EpisodeConfig, episodes
+from deltamem_jax.training.sharded import init_opt_state, make_sharded_train_step, process_batch, train_shardings
 from deltamem_jax.training.step import OptimConfig, make_optimizer, make_recall_probe, make_train_step, split_model
+from models.sharding import gather, shard_model
 
 METADATA_FILE = "training_metadata.json"
 
@@ -139,11 +148,13 @@ def train(
     time_limit: float | None = None,
     progress: bool = True,
     command: str | None = None,
+    mesh=None,
 ) -> dict:
     """Trains the memory of `model` (a backbone; δ-mem is attached here) and exports the adapter.
 
     Resumes from `out/checkpoints` when present. `stop_after` micro-steps or `time_limit`
     seconds end this invocation early (after a checkpoint), as an interruption would.
+    `mesh` (a `models.make_mesh` mesh) trains data- and tensor-parallel on it.
     Returns a summary (steps done, last losses, where the adapter is).
     """
     from tqdm.auto import tqdm
@@ -157,30 +168,49 @@ def train(
     else:
         attach(model, config.memory, seed=config.seed)
     renderer = Renderer(tokenizer, config.layout)
-    graphdef, params, frozen = split_model(model)
-    tx = make_optimizer(config.optim)
-    opt_state = tx.init(params)
-    step_fn = make_train_step(graphdef, tx, config.remat, config.value_weight)
-    probe_fn = make_recall_probe(graphdef)
     expect = {"backbone": _fingerprint(model)["model"], "config": config.to_json()}
+    B = config.batch_size
+
+    def batch_of(split: str, seed: int, first: int, rows: int):
+        """Episodes [first, first+rows) rendered; on a mesh each process renders only its rows."""
+        def make(start: int, count: int):
+            return renderer.batch(episodes(seed, split, first + start, count, config.episodes), config.protocol)
+
+        return make(0, rows) if mesh is None else process_batch(make, rows, mesh)
+
+    tx = make_optimizer(config.optim)
+    step_options = dict(remat=config.remat, value_weight=config.value_weight)
+    if mesh is None:
+        graphdef, params, frozen = split_model(model)
+        opt_state = tx.init(params)
+        step_fn = make_train_step(graphdef, tx, **step_options)
+    else:
+        shard_model(model, mesh)
+        graphdef, params, frozen = split_model(model)
+        one = renderer.batch(episodes(config.seed, "train", 0, 1, config.episodes), config.protocol)
+        shardings = train_shardings(tx, params, frozen, jax.tree.map(lambda x: jax.ShapeDtypeStruct((B, *x.shape[1:]), x.dtype), one), mesh)
+        opt_state = init_opt_state(tx, params, shardings)
+        step_fn = make_sharded_train_step(graphdef, tx, shardings, **step_options)
+    probe_fn = make_recall_probe(graphdef)
+    main = jax.process_index() == 0  # writes the logs, the plot and the adapter
     mgr = _manager(out, config.keep)
     start = 0
     if mgr.latest_step() is not None:
         params, opt_state, start = _restore(mgr, params, opt_state, expect)
     metrics_path = out / "metrics.jsonl"
     records = _log_records(metrics_path, start)
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    if main:
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
     total = config.total_micro_steps
     end = total if stop_after is None else min(total, start + stop_after)
-    B = config.batch_size
-    eval_batch = renderer.batch(episodes(config.seed + 1, "eval", 0, config.eval_episodes, config.episodes), config.protocol) if config.eval_every else None
+    eval_batch = batch_of("eval", config.seed + 1, 0, config.eval_episodes) if config.eval_every else None
     t_start = time.perf_counter()
-    bar = tqdm(total=total, initial=start, desc="train", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start, desc="train", disable=not (progress and main), dynamic_ncols=True)
     step = start
     last: dict = {}
-    with metrics_path.open("a") as log:
+    with metrics_path.open("a") if main else open(os.devnull, "w") as log:
         while step < end:
-            batch = renderer.batch(episodes(config.seed, "train", step * B, B, config.episodes), config.protocol)
+            batch = batch_of("train", config.seed, step * B, B)
             t0 = time.perf_counter()
             params, opt_state, m = step_fn(params, opt_state, frozen, batch)
             m = {k: float(v) for k, v in m.items()}
@@ -204,7 +234,10 @@ def train(
                 break
     bar.close()
     # the adapter of the latest parameters, in the official format
-    nnx.update(model, params)
+    nnx.update(model, jax.tree.map(jnp.asarray, gather(params)) if mesh is not None else params)
+    summary = {"steps": step, "total": total, "last": last, "adapter": str(out / "adapter")}
+    if not main:
+        return summary
     adapter = save_adapter(model, out / "adapter")
     meta = {
         "command": command or " ".join(sys.argv),
@@ -220,7 +253,7 @@ def train(
     }
     (adapter / METADATA_FILE).write_text(json.dumps(meta, indent=2))
     plot_curves(metrics_path, out / "training_curves.png")
-    return {"steps": step, "total": total, "last": last, "adapter": str(adapter)}
+    return summary
 
 
 def plot_curves(metrics: Path, png: Path) -> None:
