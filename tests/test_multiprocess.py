@@ -6,7 +6,8 @@ cluster would. Each runs `sharded_cases.run` on the global mesh (the data axis s
 two processes, the model axis stays within one): parameters created sharded, a prefill and
 a decode loop with δ-mem, four micro-steps of the train step. Each process builds only its
 own rows of every batch. The results, gathered, must equal a single-process run on one
-device (`test_sharding.py reference`).
+device (`test_sharding.py reference`). The `generate` command with the distributed flags
+is run the same way, on the real SmolLM2 with its adapter.
 """
 
 from __future__ import annotations
@@ -134,3 +135,32 @@ def test_state_keeps_its_sharding_across_processes(runs):
         assert r["same_sharding"] == {"prefill": True, "decode": True, "params_after_steps": True, "opt_state_after_steps": True}
         assert r["specs"]["memory_state"] == [None, "data", None, None, None]
         assert r["specs"]["delta_q"] == [None, None, "model", None]
+
+
+def test_generate_command_on_two_processes_equals_one(tmp_path):
+    """`deltamem-jax generate --coordinator … --mesh 4x2` on two processes (SmolLM2 with the
+    default adapter, sharded from each host's copy) prints what one process prints."""
+    prompts = ["Name a colour.", "What is the capital of France?"]
+    base = [sys.executable, "-m", "deltamem_jax.cli", "generate", *prompts, "--max-new-tokens", "4"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    one = subprocess.run(base, env=env, capture_output=True, text=True, timeout=600, cwd=HERE.parent)
+    assert one.returncode == 0, one.stderr[-4000:]
+    port = _free_port()
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={LOCAL_DEVICES}").strip()
+    flags = ["--mesh", f"{DATA}x{MODEL}", "--coordinator", f"localhost:{port}", "--num-processes", str(PROCESSES)]
+    procs = [subprocess.Popen(base + flags + ["--process-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=HERE.parent) for i in range(PROCESSES)]  # fmt: skip
+    try:
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    def printed(stdout: str) -> str:  # without gloo's connection messages
+        return "".join(line for line in stdout.splitlines(keepends=True) if not line.startswith("[Gloo]"))
+
+    assert "sharded over a 4×2 mesh" in outs[0][1]
+    assert printed(outs[0][0]) == one.stdout and one.stdout.count("> ") == len(prompts)  # process 0 prints the same replies
+    assert printed(outs[1][0]) == ""  # the other process prints nothing
