@@ -177,3 +177,24 @@ def test_official_protocol_has_beta_penalty_and_trains(tokenizer):
     assert float(m["beta_penalty"]) == pytest.approx(0.01 * (1 / (1 + np.exp(1.5)) - 0.05) ** 2, rel=1e-3)
     assert float(m["loss"]) == pytest.approx(float(m["ce"] + m["beta_penalty"]), rel=1e-6)
     assert float(m["grad_norm"]) > 0
+
+
+@pytest.mark.parametrize("protocol", ["session", "official"])
+def test_beta_weight_scales_the_gate_regularizer(tokenizer, protocol):
+    """Both protocols pay w·(mean β − 0.05)²; a larger w pushes the write gates down faster."""
+    model = dm.attach(tiny_model(), dm.DeltaMemConfig())
+    eps = data.episodes(0, "train", 0, 2, SMALL_EPISODES)
+    batch = jax.tree.map(jnp.asarray, Renderer(tokenizer, LAYOUT).batch(eps, protocol))
+    graphdef, params, frozen = split_model(model)
+    tx = make_optimizer(OptimConfig(steps=4, learning_rate=5e-2, warmup=0.0))
+    beta0 = 1 / (1 + np.exp(1.5))
+    means = {}
+    for w in (0.01, 10.0):
+        p, o, step = params, tx.init(params), make_train_step(graphdef, tx, remat=False, beta_weight=w)
+        for i in range(3):
+            p, o, m = step(jax.tree.map(jnp.copy, p), o, frozen, batch)
+            if i == 0:
+                assert float(m["mean_beta"]) == pytest.approx(beta0, rel=1e-4)
+                assert float(m["beta_penalty"]) == pytest.approx(w * (beta0 - 0.05) ** 2, rel=1e-3)
+        means[w] = float(m["mean_beta"])
+    assert means[10.0] < means[0.01] - 0.01

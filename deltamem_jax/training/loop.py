@@ -35,7 +35,7 @@ from deltamem_jax.session import _fingerprint
 from deltamem_jax.training.batches import PROTOCOLS, Layout, Renderer
 from deltamem_jax.training.data import EpisodeConfig, episodes
 from deltamem_jax.training.sharded import init_opt_state, make_sharded_train_step, process_batch, train_shardings
-from deltamem_jax.training.step import OptimConfig, make_optimizer, make_recall_probe, make_train_step, split_model
+from deltamem_jax.training.step import BETA_WEIGHT, OptimConfig, make_optimizer, make_recall_probe, make_train_step, split_model
 from models.sharding import gather, shard_model
 
 METADATA_FILE = "training_metadata.json"
@@ -56,6 +56,7 @@ class TrainConfig:
     eval_every: int = 50  # micro-steps; 0 = never
     eval_episodes: int = 32
     value_weight: float = 1.0  # loss weight of the told value's answer tokens (1 = plain answer CE)
+    beta_weight: float = BETA_WEIGHT  # weight of the write-gate regularizer (official: 0.01)
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
@@ -179,7 +180,7 @@ def train(
         return make(0, rows) if mesh is None else process_batch(make, rows, mesh)
 
     tx = make_optimizer(config.optim)
-    step_options = dict(remat=config.remat, value_weight=config.value_weight)
+    step_options = dict(remat=config.remat, value_weight=config.value_weight, beta_weight=config.beta_weight)
     if mesh is None:
         graphdef, params, frozen = split_model(model)
         opt_state = tx.init(params)

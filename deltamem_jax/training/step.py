@@ -102,29 +102,38 @@ def _mean(ce: jax.Array, weights: jax.Array) -> jax.Array:
     return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1e-6)
 
 
-def beta_penalty(memory: MemoryState) -> jax.Array:
-    """Official regularizer: mean over layers of (mean write gate − 0.05)²."""
+def mean_beta(memory: MemoryState) -> jax.Array:
+    """[l] each layer's write gate averaged over every token written in the batch."""
     sums = jnp.sum(memory.gate_stats, axis=1)  # [l, 2]
-    mean_beta = sums[:, 0] / jnp.maximum(sums[:, 1], 1.0)
-    return BETA_WEIGHT * jnp.mean((mean_beta - BETA_TARGET) ** 2)
+    return sums[:, 0] / jnp.maximum(sums[:, 1], 1.0)
 
 
-def episode_loss(params: nnx.State, frozen: nnx.State, graphdef, batch: Batch, remat: bool = True, value_weight: float = 1.0):
-    """Weighted mean answer cross-entropy per token (+ β regularizer for the official protocol)."""
+def beta_penalty(memory: MemoryState, weight: float = BETA_WEIGHT) -> jax.Array:
+    """The official regularizer: weight · mean over layers of (mean write gate − 0.05)².
+
+    λ = 1 − β, so every written token scales the old state by 1 − β: a layer whose
+    gates stay high forgets one turn within the next. The penalty is on the mean, so
+    a few tokens (the told value) can still be written strongly."""
+    return weight * jnp.mean((mean_beta(memory) - BETA_TARGET) ** 2)
+
+
+def episode_loss(params: nnx.State, frozen: nnx.State, graphdef, batch: Batch, remat: bool = True, value_weight: float = 1.0,
+                 beta_weight: float = BETA_WEIGHT):  # fmt: skip
+    """Weighted mean answer cross-entropy per token + the β regularizer (both protocols)."""
     model = nnx.merge(graphdef, params, frozen)
-    official = batch.history is not None
     b = batch.read.tokens.shape[0]
-    memory = MemoryState.zeros(model.cfg.num_layers, b, memory_of(model).config, gate_stats=official)
+    memory = MemoryState.zeros(model.cfg.num_layers, b, memory_of(model).config, gate_stats=True)
     memory = write_pass(model, batch, memory, remat)
     tokens = answer_ce(model, batch, memory, remat)
     ce = _mean(tokens, batch.target_mask.astype(jnp.float32))
     value_ce = _mean(tokens, (batch.target_mask & batch.value_mask).astype(jnp.float32))
     loss = _mean(tokens, target_weights(batch, value_weight)) if value_weight != 1.0 else ce
-    penalty = beta_penalty(memory) if official else jnp.zeros(())
-    return loss + penalty, {"ce": ce, "value_ce": value_ce, "beta_penalty": penalty, "answer_tokens": jnp.sum(batch.target_mask)}
+    penalty = beta_penalty(memory, beta_weight)
+    aux = {"ce": ce, "value_ce": value_ce, "beta_penalty": penalty, "mean_beta": jnp.mean(mean_beta(memory)), "answer_tokens": jnp.sum(batch.target_mask)}
+    return loss + penalty, aux
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, remat: bool = True, value_weight: float = 1.0):
+def make_train_step(graphdef, tx: optax.GradientTransformation, remat: bool = True, value_weight: float = 1.0, beta_weight: float = BETA_WEIGHT):
     """`step(params, opt_state, frozen, batch) -> (params, opt_state, metrics)`, jitted once.
 
     Gradients are taken with respect to `params` (the memory) only; `frozen` is an
@@ -133,7 +142,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, remat: bool = Tr
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, frozen, batch):
-        (loss, aux), grads = jax.value_and_grad(episode_loss, has_aux=True)(params, frozen, graphdef, batch, remat, value_weight)
+        (loss, aux), grads = jax.value_and_grad(episode_loss, has_aux=True)(params, frozen, graphdef, batch, remat, value_weight, beta_weight)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
@@ -174,4 +183,4 @@ def make_recall_probe(graphdef):
     return probe
 
 
-__all__ = ["make_recall_probe", "OptimConfig", "answer_ce", "target_weights", "beta_penalty", "episode_loss", "make_eval_loss", "make_optimizer", "make_train_step", "split_model", "write_pass"]
+__all__ = ["make_recall_probe", "OptimConfig", "answer_ce", "target_weights", "beta_penalty", "episode_loss", "make_eval_loss", "make_optimizer", "make_train_step", "mean_beta", "split_model", "write_pass"]
