@@ -1,4 +1,4 @@
-"""The memory state, decode state and batches on a mesh, and batches spread over processes.
+"""The memory state and batches on a mesh, and batches spread over processes.
 
 Completes `models.sharding` (parameters, KV cache) with what δ-mem adds. The memory state
 `S [l, b, m, r, r]` is split on batch with its r×r blocks whole: one sequence's memory is
@@ -17,11 +17,10 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from deltamem_jax.decoding import DecodeState
 from deltamem_jax.state import MemoryState
-from models.sharding import ShardingRules, cache_shardings, gather, put
+from models.sharding import ShardingRules, gather, put
 
 
 def memory_shardings(memory: MemoryState, mesh: Mesh, rules: ShardingRules = ShardingRules()) -> MemoryState:
@@ -30,18 +29,6 @@ def memory_shardings(memory: MemoryState, mesh: Mesh, rules: ShardingRules = Sha
     return MemoryState(
         S=rules.sharding(("layers", "batch", "memory", None, None), memory.S.shape, mesh),  # [l, b, m, r, r]
         gate_stats=None if stats is None else rules.sharding(("layers", "batch", None), stats.shape, mesh),  # [l, b, 2]
-    )
-
-
-def decode_shardings(state: DecodeState, mesh: Mesh, rules: ShardingRules = ShardingRules()) -> DecodeState:
-    """Where every part of the decode loop's carry lives."""
-    return DecodeState(
-        cache=cache_shardings(state.cache, mesh, rules),
-        memory=None if state.memory is None else memory_shardings(state.memory, mesh, rules),
-        logits=rules.sharding(("batch", "vocab"), state.logits.shape, mesh),  # [b, v]
-        positions=rules.sharding(("batch",), state.positions.shape, mesh),  # [b]
-        key=NamedSharding(mesh, PartitionSpec()),
-        done=rules.sharding(("batch",), state.done.shape, mesh),  # [b]
     )
 
 
@@ -79,4 +66,4 @@ def from_process_rows(local, rows: int, mesh: Mesh, rules: ShardingRules = Shard
     return jax.tree.map(one, local)
 
 
-__all__ = ["created", "decode_shardings", "from_process_rows", "gather", "memory_shardings", "place", "process_rows"]
+__all__ = ["created", "from_process_rows", "gather", "memory_shardings", "place", "process_rows"]
