@@ -375,3 +375,23 @@ def test_every_parameter_of_the_model_passes_the_rules():
     with pytest.raises(ValueError, match=r"\['embed'\].*two dimensions"):  # and says which array
         state_shardings(nnx.state(model), AbstractMesh((4, 2), ("data", "model")), models.ShardingRules(embed="model"))
     assert len(jax.tree.leaves(nnx.state(model, deltamem_jax.MemoryParam))) == 4  # the δ-mem parameters were among them
+
+
+def test_mesh_and_distributed_flags():
+    """`--mesh` parses DATAxMODEL; the three explicit `jax.distributed` flags go together."""
+    import argparse
+
+    from deltamem_jax import distributed
+    from models.sharding import parse_mesh
+
+    assert parse_mesh("4x2") == (4, 2) and parse_mesh("2×4") == (2, 4)
+    with pytest.raises(ValueError, match="DATAxMODEL"):
+        parse_mesh("8")
+    p = argparse.ArgumentParser()
+    distributed.add_arguments(p)
+    args = p.parse_args(["--mesh", "1x1", "--coordinator", "localhost:1234", "--num-processes", "2"])
+    with pytest.raises(SystemExit, match="go together"):
+        distributed.initialize(args)
+    distributed.initialize(p.parse_args([]))  # no flags: nothing started
+    assert distributed.mesh(p.parse_args([])) is None
+    assert dict(distributed.mesh(p.parse_args(["--mesh", "1x1"])).shape) == {"data": 1, "model": 1}
