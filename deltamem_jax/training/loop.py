@@ -205,7 +205,7 @@ def train(
     total = config.total_micro_steps
     end = total if stop_after is None else min(total, start + stop_after)
     eval_batch = batch_of("eval", config.seed + 1, 0, config.eval_episodes) if config.eval_every else None
-    t_start = time.perf_counter()
+    t_start, commit = time.perf_counter(), git_commit()  # the code this invocation runs
     bar = tqdm(total=total, initial=start, desc="train", disable=not (progress and main), dynamic_ncols=True)
     step = start
     last: dict = {}
@@ -247,7 +247,7 @@ def train(
         "optimizer_updates": step // config.optim.accumulate,
         "episodes_seen": step * B,
         "final_loss": last.get("loss"),
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "backbone": expect["backbone"],
         "train_config": expect["config"],
         "finished": step >= total,
