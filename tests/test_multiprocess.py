@@ -62,20 +62,13 @@ if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from test_sharding import worker_result  # noqa: E402
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
-
-
-def _result(proc: subprocess.CompletedProcess, what: str) -> dict:
-    if proc.returncode != 0:
-        pytest.fail(f"{what} failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert lines, f"no result from {what}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(lines[-1][len("RESULT ") :])
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +78,7 @@ def runs(tmp_path_factory) -> dict:
     # one process, one device
     ref = subprocess.run([sys.executable, str(HERE / "test_sharding.py"), "reference", str(tmp / "single.npz")],
                          env=env, capture_output=True, text=True, timeout=600, cwd=HERE.parent)  # fmt: skip
-    _result(ref, "the single-process reference")
+    worker_result(ref, "the single-process reference")
     # two processes over localhost
     port = _free_port()
     procs = [
@@ -97,7 +90,7 @@ def runs(tmp_path_factory) -> dict:
     try:
         for i, p in enumerate(procs):
             stdout, stderr = p.communicate(timeout=600)
-            reports.append(_result(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr), f"process {i}"))
+            reports.append(worker_result(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr), f"process {i}"))
     finally:
         for p in procs:  # only the workers started here
             if p.poll() is None:

@@ -216,10 +216,15 @@ def _run_worker(*args: str, timeout: int = 600) -> dict:
         [sys.executable, str(Path(__file__).resolve()), *args],
         env=env, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent,
     )  # fmt: skip
+    return worker_result(proc, f"worker {args}")
+
+
+def worker_result(proc: subprocess.CompletedProcess, what: str) -> dict:
+    """The JSON a worker printed on its last `RESULT ` line; a failed or silent worker fails the test."""
     if proc.returncode != 0:
-        pytest.fail(f"worker {args} failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        pytest.fail(f"{what} failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert lines, f"no result from the worker:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert lines, f"no result from {what}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return json.loads(lines[-1][len("RESULT ") :])
 
 
