@@ -39,7 +39,7 @@ def test_splits_are_disjoint_in_values_and_phrasings():
     assert not data.split_values("train") & data.split_values("eval")
     # no eval value appears anywhere in a training turn either
     train_text = " ".join(t for e in data.episodes(0, "train", 0, 1000) for t in e.turns)
-    assert not [v for v in list(ev)[:300] if f" {v}." in train_text or f" {v} " in train_text]
+    assert not [v for v in sorted(ev) if f" {v}." in train_text or f" {v} " in train_text]
 
 
 def test_variety_the_issue_asks_for():

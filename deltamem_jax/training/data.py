@@ -45,7 +45,7 @@ Gdansk Poznan Wroclaw Tampere Turku Uppsala Malmo Cork Galway Leeds Bristol Glas
 Denver Austin Portland Boise Tucson Omaha Savannah Raleigh Memphis Tulsa Wichita Fresno Osaka Kyoto Nagoya Busan Hanoi
 Cebu Perth Hobart Adelaide Auckland Dunedin Nairobi Accra Dakar Tunis Fez Izmir Tbilisi Yerevan Almaty Tashkent
 Pune Mysore Kochi Jaipur Cusco Quito Medellin Rosario Valparaiso Recife Curitiba Montevideo Asuncion""".split()
-_JOBS = """nurse baker carpenter pilot librarian plumber architect dentist chemist firefighter teacher electrician
+_JOBS = """nurse baker carpenter pilot librarian plumber architect jeweller chemist firefighter teacher electrician
 veterinarian translator photographer journalist accountant gardener locksmith paramedic tailor butcher florist
 surveyor geologist pharmacist welder beekeeper cartographer glassblower sommelier potter bookbinder stonemason
 violinist zookeeper ferryman lifeguard blacksmith animator""".split()
