@@ -35,12 +35,15 @@ def _attach(model, args) -> str:
 
     if args.no_memory:
         return "no δ-mem (plain backbone)"
-    folder = args.adapter or (DEFAULT_ADAPTER if (DEFAULT_ADAPTER / "delta_mem_config.json").is_file() else None)
+    # the installed default adapter was trained for the embedded model only
+    default = DEFAULT_ADAPTER if args.model is None and (DEFAULT_ADAPTER / "delta_mem_config.json").is_file() else None
+    folder = args.adapter or default
     if folder is not None:
         load_adapter(model, folder)
         return f"adapter {folder}"
     attach(model, DeltaMemConfig())
-    return "untrained δ-mem adapter (base-slice init): no trained adapter installed"
+    why = "no trained adapter installed" if args.model is None else "no --adapter given for this model"
+    return f"untrained δ-mem adapter (base-slice init): {why}"
 
 
 PROGRESS_FROM = 2048  # prompts longer than this show a prefill progress bar

@@ -7,7 +7,7 @@ two processes, the model axis stays within one): parameters created sharded, a p
 a decode loop with δ-mem, four micro-steps of the train step. Each process builds only its
 own rows of every batch. The results, gathered, must equal a single-process run on one
 device (`test_sharding.py reference`). The `generate` command with the distributed flags
-is run the same way, on the real SmolLM2 with its adapter.
+is run the same way, on a tiny Llama folder.
 """
 
 from __future__ import annotations
@@ -131,10 +131,14 @@ def test_state_keeps_its_sharding_across_processes(runs):
 
 
 def test_generate_command_on_two_processes_equals_one(tmp_path):
-    """`deltamem-jax generate --coordinator … --mesh 4x2` on two processes (SmolLM2 with the
-    default adapter, sharded from each host's copy) prints what one process prints."""
+    """`deltamem-jax generate --coordinator … --mesh 4x2` on two processes (a tiny Llama
+    folder as users bring them, sharded from each host's copy) prints what one process
+    prints. (The real SmolLM2 would take minutes here for the same plumbing.)"""
+    from test_hf_folders import _save_family
+
+    folder = _save_family(tmp_path, "llama")
     prompts = ["Name a colour.", "What is the capital of France?"]
-    base = [sys.executable, "-m", "deltamem_jax.cli", "generate", *prompts, "--max-new-tokens", "4"]
+    base = [sys.executable, "-m", "deltamem_jax.cli", "generate", *prompts, "--model", str(folder), "--max-new-tokens", "4"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     one = subprocess.run(base, env=env, capture_output=True, text=True, timeout=600, cwd=HERE.parent)
     assert one.returncode == 0, one.stderr[-4000:]

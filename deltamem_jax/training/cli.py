@@ -33,6 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-chitchat", type=int, default=2, help="chit-chat turns per episode (at most)")
     p.add_argument("--update-rate", type=float, default=0.15, help="share of episodes whose asked fact is updated")
     p.add_argument("--never-said-rate", type=float, default=0.1, help="share of questions about something never said")
+    p.add_argument("--relations", default="", help="comma-separated relation kinds to train on (a curriculum; default: all), e.g. door_code,locker")
     p.add_argument("--turn-len", type=int, default=32)
     p.add_argument("--value-weight", type=float, default=1.0, help="loss weight of the answer tokens that spell the told value")
     p.add_argument("--beta-weight", type=float, default=0.01, help="weight of the write-gate regularizer w·mean_l(mean β_l − 0.05)² (official 0.01)")
@@ -74,7 +75,8 @@ def config_from_args(a, num_layers: int) -> "TrainConfig":
     from deltamem_jax.training.step import OptimConfig
 
     episodes = EpisodeConfig(min_facts=a.min_facts, max_facts=a.max_facts, max_chitchat=a.max_chitchat,
-                             update_rate=a.update_rate, never_said_rate=a.never_said_rate)
+                             update_rate=a.update_rate, never_said_rate=a.never_said_rate,
+                             relations=tuple(x for x in a.relations.split(",") if x))
     return TrainConfig(
         protocol=a.protocol, batch_size=a.batch_size, seed=a.seed,
         optim=OptimConfig(learning_rate=a.lr, steps=a.steps, warmup=a.warmup, weight_decay=a.weight_decay, clip=a.clip, accumulate=a.accumulate),

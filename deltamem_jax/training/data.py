@@ -5,7 +5,7 @@ position and two processes agree on every episode. The `train` and `eval` splits
 disjoint values (names, cities, numbers, …) and disjoint phrasings, so held-out recall
 cannot come from memorized training strings.
 
-Relation kinds (16): own name, mother, father, sister, brother, partner, best friend,
+Relation kinds (21): own name, mother, father, sister, brother, partner, best friend,
 dog and cat names, home city, birthplace, job, employer, favourite food, colour and
 band, birthday, dentist appointment, door code, locker number, car. Each can be stated
 in 6 ways and asked in 4 (split 4+2 / 3+1 between train and eval). An episode holds 1–6
@@ -253,10 +253,20 @@ class EpisodeConfig:
     max_chitchat: int = 2  # chit-chat turns added between facts
     update_rate: float = 0.15  # chance that the asked fact was updated later
     never_said_rate: float = 0.1  # chance that the question is about something never said
+    relations: tuple[str, ...] = ()  # relation kinds to draw from (a curriculum); () = all
 
     def __post_init__(self):
-        if not 1 <= self.min_facts <= self.max_facts <= len(RELATIONS) - 1:
-            raise ValueError(f"need 1 ≤ min_facts ≤ max_facts ≤ {len(RELATIONS) - 1}, got {self.min_facts}, {self.max_facts}")
+        object.__setattr__(self, "relations", tuple(self.relations))  # from JSON: a list
+        unknown = sorted(set(self.relations) - {r.kind for r in RELATIONS})
+        if unknown:
+            raise ValueError(f"unknown relation kinds {unknown}; known: {[r.kind for r in RELATIONS]}")
+        n = len(self.pool)
+        if not 1 <= self.min_facts <= self.max_facts <= n - 1:
+            raise ValueError(f"need 1 ≤ min_facts ≤ max_facts ≤ {n - 1} (relation kinds − 1), got {self.min_facts}, {self.max_facts}")
+
+    @property
+    def pool(self) -> tuple[Relation, ...]:
+        return tuple(r for r in RELATIONS if r.kind in self.relations) if self.relations else RELATIONS
 
     @property
     def max_turns(self) -> int:
@@ -269,8 +279,9 @@ def make_episode(seed: int, split: str, index: int, config: EpisodeConfig = Epis
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     n = int(rng.integers(config.min_facts, config.max_facts + 1))
-    kinds = rng.permutation(len(RELATIONS))[: n + 1]  # the last one is never said
-    rels = [RELATIONS[i] for i in kinds[:n]]
+    pool = config.pool
+    kinds = rng.permutation(len(pool))[: n + 1]  # the last one is never said
+    rels = [pool[i] for i in kinds[:n]]
     values = [r.value(rng, split) for r in rels]
     said = [str(rng.choice(r.phrasings(split)[0])).format(v=v) for r, v in zip(rels, values)]
     turns = list(said)
@@ -292,7 +303,7 @@ def make_episode(seed: int, split: str, index: int, config: EpisodeConfig = Epis
     else:
         last = turns.index(said[asked])
     if never_said:
-        rel = RELATIONS[kinds[n]]
+        rel = pool[kinds[n]]
         question = str(rng.choice(rel.phrasings(split)[1]))
         return Episode(tuple(turns), question, NEVER_SAID.format(noun=rel.noun), "", rel.kind, n, -1, False, True)
     question = str(rng.choice(rel.phrasings(split)[1]))

@@ -116,7 +116,9 @@ def _restore(mgr, params, opt_state, expect: dict) -> tuple[Any, Any, int]:
 
     step = mgr.latest_step()
     meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    saved = {"backbone": meta.get("backbone"), "config": {**TrainConfig().to_json(), **meta.get("config", {})}}  # fields added later take their defaults
+    defaults, config = TrainConfig().to_json(), meta.get("config", {})
+    config = {k: {**defaults[k], **v} if isinstance(v, dict) and isinstance(defaults.get(k), dict) else v for k, v in config.items()}
+    saved = {"backbone": meta.get("backbone"), "config": {**defaults, **config}}  # fields added later take their defaults
     for key in ("backbone", "config"):
         if saved[key] != expect[key]:
             raise ValueError(
