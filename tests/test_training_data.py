@@ -89,3 +89,14 @@ def test_recall_scoring():
     s = summarize(records)
     assert s["ceiling"] == 1.0 and s["floor"] == 0.0 and s["n_answerable"] == 1
     assert s["never_said"]["floor"]["accuracy"] == 1.0 and s["by_relation"]["car"]["n"] == 1
+
+
+def test_relation_subset_for_a_curriculum():
+    config = data.EpisodeConfig(min_facts=1, max_facts=2, relations=("door_code", "locker", "colour"))
+    eps = data.episodes(3, "train", 0, 300, config)
+    assert {e.relation for e in eps} == {"door_code", "locker", "colour"}  # the never-said ones too
+    assert data.episodes(3, "train", 0, 50) == data.episodes(3, "train", 0, 50, data.EpisodeConfig(relations=()))
+    with pytest.raises(ValueError, match="unknown relation kinds \\['door'\\]"):
+        data.EpisodeConfig(relations=("door",))
+    with pytest.raises(ValueError, match="max_facts ≤ 2"):
+        data.EpisodeConfig(max_facts=3, relations=("door_code", "locker", "colour"))
