@@ -26,7 +26,7 @@ from pathlib import Path
 
 TOL = 1e-5
 N_DEVICES = 8
-MESHES = [(8, 1), (4, 2), (2, 4)]
+MESHES = [(8, 1), (2, 4)]  # pure data parallel, and model-heavy; 4×2 runs over two processes in test_multiprocess.py
 HERE = Path(__file__).resolve().parent
 
 

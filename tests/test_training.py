@@ -198,3 +198,53 @@ def test_beta_weight_scales_the_gate_regularizer(tokenizer, protocol):
                 assert float(m["beta_penalty"]) == pytest.approx(w * (beta0 - 0.05) ** 2, rel=1e-3)
         means[w] = float(m["mean_beta"])
     assert means[10.0] < means[0.01] - 0.01
+
+
+def test_plain_kl_measures_the_change_from_the_frozen_backbone(tokenizer):
+    """The KL term's reference is the bare backbone; an untouched memory ("zero" output
+    init) leaves the KL at 0, a random one does not, and training on it pulls it down."""
+    from deltamem_jax.training import plain
+
+    corpus = plain.PlainCorpus(system_ids=[1, 2, 3], pairs=[list(range(10 + i, 40 + i)) for i in range(6)])
+    seg = plain.transcripts(corpus, 0, 0, 2, 48)
+    assert seg.tokens.shape == (2, 48) and seg.valid.all() and list(seg.tokens[0, :3]) == [1, 2, 3]
+    assert (seg.tokens[0] != seg.tokens[1]).any() and (plain.transcripts(corpus, 0, 1, 1, 48).tokens[0] == seg.tokens[1]).all()
+    with pytest.raises(ValueError, match="fewer than 999 tokens"):
+        plain.transcripts(corpus, 0, 0, 1, 999)
+
+    eps = data.episodes(0, "train", 0, 2, SMALL_EPISODES)
+    batch = jax.tree.map(jnp.asarray, Renderer(tokenizer, LAYOUT).batch(eps, "session").replace(plain=seg))
+    cache = models.KVCache.create(TINY, 2, 48)
+    bare, _, _ = tiny_model()(batch.plain.tokens, batch.plain.positions, batch.plain.valid, cache)
+    for init, zero in (("zero", True), ("random", False)):
+        model = dm.attach(tiny_model(), dm.DeltaMemConfig(output_init=init, online_gain=1.0))
+        graphdef, params, frozen = split_model(model)
+        loss, aux = episode_loss(params, frozen, graphdef, batch, remat=False, plain_weight=1.0)
+        # by hand: KL(bare ‖ δ-mem in context-and-memory mode)
+        ours, _, _ = model(batch.plain.tokens, batch.plain.positions, batch.plain.valid, cache,
+                           MemoryState.zeros(TINY.num_layers, 2, dm.memory_of(model).config), dm.WriteControl(dm.WriteMode.TOKENS))  # fmt: skip
+        p, q = jax.nn.log_softmax(bare), jax.nn.log_softmax(ours)
+        assert float(aux["plain_kl"]) == pytest.approx(float(jnp.mean(jnp.sum(jnp.exp(p) * (p - q), -1))), rel=1e-4, abs=1e-7)
+        assert (float(aux["plain_kl"]) < 1e-6) == zero
+        assert float(loss) == pytest.approx(float(aux["ce"] + aux["plain_kl"] + aux["beta_penalty"]), rel=1e-5)
+    tx = make_optimizer(OptimConfig(steps=10, learning_rate=1e-2, warmup=0.0))
+    step = make_train_step(graphdef, tx, remat=False, plain_weight=1.0)
+    kl_only = batch.replace(target_mask=jnp.zeros_like(batch.target_mask))  # no answer loss
+    first, o = None, tx.init(params)
+    for _ in range(10):
+        params, o, m = step(params, o, frozen, kl_only)
+        first = first if first is not None else float(m["plain_kl"])
+    assert float(m["plain_kl"]) < 0.7 * first
+
+
+def test_training_with_the_plain_kl_builds_its_corpus_once(tokenizer, tmp_path):
+    config = TrainConfig(batch_size=2, optim=OptimConfig(steps=3, learning_rate=1e-2), episodes=SMALL_EPISODES, layout=LAYOUT,
+                         checkpoint_every=2, eval_every=3, eval_episodes=2, plain_weight=0.5, plain_len=64)  # fmt: skip
+    train(config, tmp_path, tiny_model(), tokenizer, stop_after=2, progress=False)
+    corpus = json.loads((tmp_path / "plain_corpus.json").read_text())
+    assert len(corpus["pairs"]) == len(data.CHITCHAT) + 40 and all(corpus["pairs"])
+    assert tokenizer.decode(corpus["pairs"][0], skip_special_tokens=False).startswith("<|im_start|>user\n" + data.CHITCHAT[0])
+    train(config, tmp_path, tiny_model(), tokenizer, progress=False)  # resumes with the saved corpus
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3]
+    assert all(r["plain_kl"] > 0 for r in recs if "loss" in r) and "plain_kl" in recs[-1]["eval"]

@@ -59,6 +59,7 @@ class Batch:
     targets: np.ndarray  # [b, a] int32
     target_mask: np.ndarray  # [b, a] bool
     value_mask: np.ndarray  # [b, a] bool: targets that spell the told value (the recalled content)
+    plain: Segment | None = None  # [b, p]: a chat transcript for the KL term (`plain.transcripts`), or none
 
     def tokens(self) -> int:
         """Real (unpadded) tokens the step processes: every turn re-reads the system segment."""
@@ -67,7 +68,8 @@ class Batch:
             written = int(self.turns.valid.sum()) + turns * int(self.system.valid[0].sum())
         else:
             written = int(self.history.valid.sum())
-        return written + int(self.read.valid.sum())
+        plain = 0 if self.plain is None else int(self.plain.valid.sum())
+        return written + int(self.read.valid.sum()) + plain
 
 
 def _segment(ids: Sequence[Sequence[int]], length: int, offset: np.ndarray | int = 0, what: str = "segment") -> Segment:

@@ -34,6 +34,7 @@ from deltamem_jax.config import DeltaMemConfig
 from deltamem_jax.session import _fingerprint
 from deltamem_jax.training.batches import PROTOCOLS, Layout, Renderer
 from deltamem_jax.training.data import EpisodeConfig, episodes
+from deltamem_jax.training.plain import load_or_build, transcripts
 from deltamem_jax.training.sharded import init_opt_state, make_sharded_train_step, process_batch, train_shardings
 from deltamem_jax.training.step import BETA_WEIGHT, OptimConfig, make_optimizer, make_recall_probe, make_train_step, split_model
 from models.sharding import gather, shard_model
@@ -57,6 +58,8 @@ class TrainConfig:
     eval_episodes: int = 32
     value_weight: float = 1.0  # loss weight of the told value's answer tokens (1 = plain answer CE)
     beta_weight: float = BETA_WEIGHT  # weight of the write-gate regularizer (official: 0.01)
+    plain_weight: float = 0.0  # weight of the plain-text KL to the frozen backbone (`plain.py`); 0 = off
+    plain_len: int = 256  # tokens of each plain transcript (one per episode row)
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
@@ -164,25 +167,31 @@ def train(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    renderer = Renderer(tokenizer, config.layout)
+    # the KL term's transcripts are the backbone's own replies: made before δ-mem is attached
+    corpus = load_or_build(out, model, tokenizer, renderer.system_prompt, config.seed) if config.plain_weight > 0 else None
     if init_adapter is not None:
         load_adapter(model, init_adapter)
         if memory_of(model).config.to_official() != config.memory.to_official():
             raise ValueError(f"{init_adapter} has another δ-mem config than this run's")
     else:
         attach(model, config.memory, seed=config.seed)
-    renderer = Renderer(tokenizer, config.layout)
     expect = {"backbone": _fingerprint(model)["model"], "config": config.to_json()}
     B = config.batch_size
 
-    def batch_of(split: str, seed: int, first: int, rows: int):
-        """Episodes [first, first+rows) rendered; on a mesh each process renders only its rows."""
-        def make(start: int, count: int):
-            return renderer.batch(episodes(seed, split, first + start, count, config.episodes), config.protocol)
+    def render(split: str, seed: int, first: int, count: int):
+        """Episodes [first, first+count) rendered (with their plain transcripts when the KL term is on)."""
+        batch = renderer.batch(episodes(seed, split, first, count, config.episodes), config.protocol)
+        return batch if corpus is None else batch.replace(plain=transcripts(corpus, seed, first, count, config.plain_len))
 
-        return make(0, rows) if mesh is None else process_batch(make, rows, mesh)
+    def batch_of(split: str, seed: int, first: int, rows: int):
+        """Rows [first, first+rows); on a mesh each process renders only its own rows."""
+        if mesh is None:
+            return render(split, seed, first, rows)
+        return process_batch(lambda start, count: render(split, seed, first + start, count), rows, mesh)
 
     tx = make_optimizer(config.optim)
-    step_options = dict(remat=config.remat, value_weight=config.value_weight, beta_weight=config.beta_weight)
+    step_options = dict(remat=config.remat, value_weight=config.value_weight, beta_weight=config.beta_weight, plain_weight=config.plain_weight)
     if mesh is None:
         graphdef, params, frozen = split_model(model)
         opt_state = tx.init(params)
@@ -190,7 +199,7 @@ def train(
     else:
         shard_model(model, mesh)
         graphdef, params, frozen = split_model(model)
-        one = renderer.batch(episodes(config.seed, "train", 0, 1, config.episodes), config.protocol)
+        one = render("train", config.seed, 0, 1)
         shardings = train_shardings(tx, params, frozen, jax.tree.map(lambda x: jax.ShapeDtypeStruct((B, *x.shape[1:]), x.dtype), one), mesh)
         opt_state = init_opt_state(tx, params, shardings)
         step_fn = make_sharded_train_step(graphdef, tx, shardings, **step_options)
@@ -228,7 +237,8 @@ def train(
                 probe = {k: float(v) for k, v in probe_fn(params, frozen, eval_batch).items()}
                 log.write(json.dumps({"step": step, "eval": probe}) + "\n")
                 bar.write(f"step {step}: held-out CE, answer / value tokens: matched {probe['matched']:.3f} / {probe['value_matched']:.3f}"
-                          f" | other {probe['other']:.3f} / {probe['value_other']:.3f} | empty {probe['empty']:.3f} / {probe['value_empty']:.3f}")
+                          f" | other {probe['other']:.3f} / {probe['value_other']:.3f} | empty {probe['empty']:.3f} / {probe['value_empty']:.3f}"
+                          + (f" | plain KL {probe['plain_kl']:.4f}" if "plain_kl" in probe else ""))
             log.flush()
             timed_out = time_limit is not None and time.perf_counter() - t_start > time_limit
             if step % config.checkpoint_every == 0 or step == end or timed_out:

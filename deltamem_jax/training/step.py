@@ -117,9 +117,28 @@ def beta_penalty(memory: MemoryState, weight: float = BETA_WEIGHT) -> jax.Array:
     return weight * jnp.mean((mean_beta(memory) - BETA_TARGET) ** 2)
 
 
+def plain_kl(model: Decoder, plain: Segment, remat: bool) -> jax.Array:
+    """Mean KL(frozen backbone ‖ δ-mem) of the next-token distribution over a transcript
+    run as a context-and-memory conversation runs it: in the context and written into a
+    fresh memory token by token (see `plain.py`)."""
+    b, t = plain.tokens.shape
+    config = memory_of(model).config
+
+    def logits(memory, control):
+        cache = KVCache.create(model.cfg, b, t)
+        out, _, _ = model(plain.tokens, plain.positions, plain.valid, cache, memory, control, attend_cache=False, remat=remat)
+        return jax.nn.log_softmax(out, axis=-1)  # [b, t, v]
+
+    reference = jax.lax.stop_gradient(logits(None, WriteControl(WriteMode.READ_ONLY)))  # no memory: the frozen model
+    ours = logits(MemoryState.zeros(model.cfg.num_layers, b, config), write_control(config, plain.valid))
+    kl = jnp.sum(jnp.exp(reference) * (reference - ours), axis=-1)  # [b, t]
+    return _mean(kl, plain.valid.astype(jnp.float32))
+
+
 def episode_loss(params: nnx.State, frozen: nnx.State, graphdef, batch: Batch, remat: bool = True, value_weight: float = 1.0,
-                 beta_weight: float = BETA_WEIGHT):  # fmt: skip
-    """Weighted mean answer cross-entropy per token + the β regularizer (both protocols)."""
+                 beta_weight: float = BETA_WEIGHT, plain_weight: float = 0.0):  # fmt: skip
+    """Weighted mean answer cross-entropy per token + the β regularizer (both protocols)
+    + `plain_weight` × the plain-text KL when the batch carries transcripts."""
     model = nnx.merge(graphdef, params, frozen)
     b = batch.read.tokens.shape[0]
     memory = MemoryState.zeros(model.cfg.num_layers, b, memory_of(model).config, gate_stats=True)
@@ -130,10 +149,14 @@ def episode_loss(params: nnx.State, frozen: nnx.State, graphdef, batch: Batch, r
     loss = _mean(tokens, target_weights(batch, value_weight)) if value_weight != 1.0 else ce
     penalty = beta_penalty(memory, beta_weight)
     aux = {"ce": ce, "value_ce": value_ce, "beta_penalty": penalty, "mean_beta": jnp.mean(mean_beta(memory)), "answer_tokens": jnp.sum(batch.target_mask)}
+    if batch.plain is not None and plain_weight > 0:
+        aux["plain_kl"] = plain_kl(model, batch.plain, remat)
+        loss = loss + plain_weight * aux["plain_kl"]
     return loss + penalty, aux
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, remat: bool = True, value_weight: float = 1.0, beta_weight: float = BETA_WEIGHT):
+def make_train_step(graphdef, tx: optax.GradientTransformation, remat: bool = True, value_weight: float = 1.0, beta_weight: float = BETA_WEIGHT,
+                    plain_weight: float = 0.0):  # fmt: skip
     """`step(params, opt_state, frozen, batch) -> (params, opt_state, metrics)`, jitted once.
 
     Gradients are taken with respect to `params` (the memory) only; `frozen` is an
@@ -142,7 +165,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, remat: bool = Tr
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, frozen, batch):
-        (loss, aux), grads = jax.value_and_grad(episode_loss, has_aux=True)(params, frozen, graphdef, batch, remat, value_weight, beta_weight)
+        (loss, aux), grads = jax.value_and_grad(episode_loss, has_aux=True)(params, frozen, graphdef, batch, remat, value_weight, beta_weight, plain_weight)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
@@ -178,9 +201,11 @@ def make_recall_probe(graphdef):
         for name, mem in (("matched", memory), ("other", other), ("empty", None)):
             tokens = answer_ce(model, batch, mem, False)
             out[name], out[f"value_{name}"] = _mean(tokens, answer), _mean(tokens, value)
+        if batch.plain is not None:
+            out["plain_kl"] = plain_kl(model, batch.plain, False)
         return out
 
     return probe
 
 
-__all__ = ["make_recall_probe", "OptimConfig", "answer_ce", "target_weights", "beta_penalty", "episode_loss", "make_eval_loss", "make_optimizer", "make_train_step", "mean_beta", "split_model", "write_pass"]
+__all__ = ["make_recall_probe", "OptimConfig", "answer_ce", "target_weights", "beta_penalty", "episode_loss", "make_eval_loss", "make_optimizer", "make_train_step", "mean_beta", "plain_kl", "split_model", "write_pass"]
