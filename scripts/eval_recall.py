@@ -7,6 +7,7 @@ the `eval` split (values and phrasings never seen in training), seed `--seed`.
 Usage:
   python scripts/eval_recall.py --json out.json                # 200 episodes, default adapter
   python scripts/eval_recall.py --limit 40 --adapter runs/x/adapter --json out.json
+  python scripts/eval_recall.py --relations door_code,locker,birthday,appointment --json out.json  # a subset of kinds
   python scripts/eval_recall.py --mesh 4x2 --json out.json     # the model sharded over 8 devices
   # on each of two hosts (process ids 0 and 1), the same command but for --process-id:
   python scripts/eval_recall.py --coordinator host0:1234 --num-processes 2 --process-id 0 --mesh 8x1
@@ -41,7 +42,8 @@ def main() -> int:
     p.add_argument("--limit", type=int, help="evaluate only the first N episodes")
     p.add_argument("--seed", type=int, default=1234, help="evaluation episode seed")
     p.add_argument("--batch", type=int, default=25)
-    p.add_argument("--max-facts", type=int, default=6)
+    p.add_argument("--max-facts", type=int, help="facts per episode at most (default 6, or one less than the --relations kinds)")
+    p.add_argument("--relations", default="", help="comma-separated relation kinds to ask about (default: all), e.g. door_code,locker")
     p.add_argument("--ppl-text", default=LOCOMO, help="plain text for the perplexity ratio (LoCoMo JSON)")
     p.add_argument("--ppl-chunks", type=int, default=8)
     p.add_argument("--ppl-length", type=int, default=512)
@@ -57,7 +59,9 @@ def main() -> int:
     if mesh is not None:
         shard_model(model, mesh)
     n = min(a.episodes, a.limit or a.episodes)
-    eps = episodes(a.seed, "eval", 0, n, EpisodeConfig(max_facts=a.max_facts))
+    relations = tuple(x for x in a.relations.split(",") if x)
+    max_facts = a.max_facts or (min(6, len(relations) - 1) if relations else 6)
+    eps = episodes(a.seed, "eval", 0, n, EpisodeConfig(max_facts=max_facts, relations=relations))
     ev = RecallEvaluator(model, tok)
     records = []
     for i in range(0, n, a.batch):
@@ -78,7 +82,7 @@ def main() -> int:
     summary.update(
         perplexity_ratio=ppl_mem / ppl_frozen, perplexity={"frozen": ppl_frozen, "deltamem_context_memory": ppl_mem, "text": source,
                                                              "chunks": a.ppl_chunks, "tokens_per_chunk": a.ppl_length},
-        adapter=a.adapter, episodes=n, seed=a.seed, seconds=time.perf_counter() - t0,
+        adapter=a.adapter, episodes=n, seed=a.seed, relations=list(relations) or "all", max_facts=max_facts, seconds=time.perf_counter() - t0,
     )  # fmt: skip
     if not main_process:
         return 0
