@@ -133,12 +133,21 @@ def cmd_chat(args) -> int:
     return 0
 
 
-DEMO_FACTS = ["My dog is called Pixel.", "My favourite colour is green.", "I was born in Lisbon.", "My door code is 4821."]
-DEMO_QUESTIONS = [("What's my dog called?", "Pixel"), ("What is my favourite colour?", "green"),
-                  ("Where was I born?", "Lisbon"), ("What is my door code?", "4821")]  # fmt: skip
+# What the default adapter was trained to recall: numbers and dates (docs/RESULTS.md,
+# stage 5). The values are from the held-out split, never seen in training, and were
+# fixed before the adapter was first evaluated.
+DEMO_FACTS = ["My door code is 2472.", "My locker number is 536.", "My birthday is March 14.", "My dentist appointment is Monday at 4 pm."]
+DEMO_QUESTIONS = [("What is my door code?", "2472"), ("What is my locker number?", "536"),
+                  ("When is my birthday?", "March 14"), ("When is my dentist appointment?", "Monday at 4 pm")]  # fmt: skip
 # The same facts with other values: an adapter that answers a told value from this memory
 # too has learned a favourite answer, not the memory's content (the mismatched control).
-DEMO_OTHER_FACTS = ["My dog is called Biscuit.", "My favourite colour is purple.", "I was born in Oslo.", "My door code is 1357."]
+DEMO_OTHER_FACTS = ["My door code is 1741.", "My locker number is 731.", "My birthday is November 23.",
+                    "My dentist appointment is Thursday at 7 pm."]  # fmt: skip
+
+
+def _told(fact: str) -> str:
+    """The value a demo fact tells ("My door code is 2472." → "2472")."""
+    return fact.rstrip(".").split(" is ", 1)[1]
 
 
 def cmd_demo(args) -> int:
@@ -168,16 +177,19 @@ def cmd_demo(args) -> int:
     for fact in DEMO_OTHER_FACTS:
         other.remember(fact)
     recalled = {"memory": 0, "another memory (control)": 0, "empty memory (control)": 0}
-    for q, value in DEMO_QUESTIONS:
+    other_own = 0  # the control memory's own (other) values in its answers: recall runs both ways
+    for (q, value), other_fact in zip(DEMO_QUESTIONS, DEMO_OTHER_FACTS):
         t = time.perf_counter()
         answers = {"memory": s.ask(q).strip(), "another memory (control)": other.ask(q).strip(), "empty memory (control)": blank.ask(q).strip()}
         for k, a in answers.items():
             recalled[k] += value.lower() in a.lower()
+        other_own += _told(other_fact).lower() in answers["another memory (control)"].lower()
         print(f"  Q: {q}  ({time.perf_counter() - t:.1f} s)")
         for k, a in answers.items():
             print(f"  A ({k}): {a}")
     print("\nTold values found in the answers: " + ", ".join(f"{k} {v}/{len(DEMO_QUESTIONS)}" for k, v in recalled.items()))
     print("(another memory holds the same facts with other values: a told value found there too is the adapter's favourite answer, not recall)")
+    print(f"The other memory's own values found in its answers: {other_own}/{len(DEMO_QUESTIONS)}")
     if "untrained" in s.adapter_note:
         print("Note: the adapter is untrained, so recall from memory is not expected.")
     print(f"\nDone in {time.perf_counter() - t0:.1f} s.")

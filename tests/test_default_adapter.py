@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -40,3 +41,22 @@ def test_empty_memory_equals_frozen_model_exactly():
     zero = dm.MemoryState.zeros(model.cfg.num_layers, 1, dm.memory_of(model).config)
     read, _, _ = dm.forward(model, tokens, positions, valid, cache, zero, dm.WriteControl(dm.WriteMode.READ_ONLY))
     np.testing.assert_array_equal(np.asarray(read), np.asarray(frozen))
+
+
+def test_default_adapter_recalls_held_out_numbers_and_dates():
+    """The shipped adapter's memory carries what was told: on held-out episodes (values never
+    seen in training) the told value's tokens are far likelier under the episode's own
+    memory than under another episode's (the mismatched control)."""
+    from deltamem_jax.training.batches import Layout, Renderer
+    from deltamem_jax.training.data import EpisodeConfig, episodes
+    from deltamem_jax.training.step import make_recall_probe, split_model
+    from models.loading import load_gguf
+
+    model, _, tok = load_gguf()
+    dm.load_adapter(model, DEFAULT_ADAPTER)
+    config = EpisodeConfig(min_facts=1, max_facts=2, max_chitchat=0, update_rate=0.0, never_said_rate=0.0,
+                           relations=("door_code", "locker", "birthday", "appointment"))  # fmt: skip
+    batch = jax.tree.map(jnp.asarray, Renderer(tok, Layout(max_turns=2)).batch(episodes(4321, "eval", 0, 16, config)))
+    graphdef, params, frozen = split_model(model)
+    m = {k: float(v) for k, v in make_recall_probe(graphdef)(params, frozen, batch).items()}
+    assert m["value_other"] - m["value_matched"] > 0.5, m
