@@ -137,8 +137,7 @@ def cmd_chat(args) -> int:
 # stage 5). The values are from the held-out split, never seen in training, and were
 # fixed before the adapter was first evaluated.
 DEMO_FACTS = ["My door code is 2472.", "My locker number is 536.", "My birthday is March 14.", "My dentist appointment is Monday at 4 pm."]
-DEMO_QUESTIONS = [("What is my door code?", "2472"), ("What is my locker number?", "536"),
-                  ("When is my birthday?", "March 14"), ("When is my dentist appointment?", "Monday at 4 pm")]  # fmt: skip
+DEMO_QUESTIONS = ["What is my door code?", "What is my locker number?", "When is my birthday?", "When is my dentist appointment?"]
 # The same facts with other values: an adapter that answers a told value from this memory
 # too has learned a favourite answer, not the memory's content (the mismatched control).
 DEMO_OTHER_FACTS = ["My door code is 1741.", "My locker number is 731.", "My birthday is November 23.",
@@ -178,7 +177,8 @@ def cmd_demo(args) -> int:
         other.remember(fact)
     recalled = {"memory": 0, "another memory (control)": 0, "empty memory (control)": 0}
     other_own = 0  # the control memory's own (other) values in its answers: recall runs both ways
-    for (q, value), other_fact in zip(DEMO_QUESTIONS, DEMO_OTHER_FACTS):
+    for q, fact, other_fact in zip(DEMO_QUESTIONS, DEMO_FACTS, DEMO_OTHER_FACTS):
+        value = _told(fact)
         t = time.perf_counter()
         answers = {"memory": s.ask(q).strip(), "another memory (control)": other.ask(q).strip(), "empty memory (control)": blank.ask(q).strip()}
         for k, a in answers.items():

@@ -73,13 +73,13 @@ def target_layers(spec: str, num_layers: int) -> tuple[int, ...]:
 def config_from_args(a, num_layers: int) -> "TrainConfig":
     from deltamem_jax.config import DeltaMemConfig
     from deltamem_jax.training.batches import Layout
-    from deltamem_jax.training.data import EpisodeConfig
+    from deltamem_jax.training.data import EpisodeConfig, parse_relations
     from deltamem_jax.training.loop import TrainConfig
     from deltamem_jax.training.step import OptimConfig
 
     episodes = EpisodeConfig(min_facts=a.min_facts, max_facts=a.max_facts, max_chitchat=a.max_chitchat,
                              update_rate=a.update_rate, never_said_rate=a.never_said_rate,
-                             relations=tuple(x for x in a.relations.split(",") if x))
+                             relations=parse_relations(a.relations))
     return TrainConfig(
         protocol=a.protocol, batch_size=a.batch_size, seed=a.seed,
         optim=OptimConfig(learning_rate=a.lr, steps=a.steps, warmup=a.warmup, weight_decay=a.weight_decay, clip=a.clip, accumulate=a.accumulate),

@@ -313,6 +313,11 @@ def make_episode(seed: int, split: str, index: int, config: EpisodeConfig = Epis
     )
 
 
+def parse_relations(spec: str) -> tuple[str, ...]:
+    """A `--relations` flag ("door_code,locker") → relation kinds; "" = all (checked by `EpisodeConfig`)."""
+    return tuple(x.strip() for x in spec.split(",") if x.strip())
+
+
 def episodes(seed: int, split: str, start: int, count: int, config: EpisodeConfig = EpisodeConfig()) -> list[Episode]:
     return [make_episode(seed, split, i, config) for i in range(start, start + count)]
 
@@ -324,4 +329,4 @@ def split_values(split: str) -> set[str]:
     return set(itertools.chain.from_iterable(_pool(p, split) for p in pools))
 
 
-__all__ = ["CHITCHAT", "Episode", "EpisodeConfig", "RELATIONS", "SPLITS", "episodes", "make_episode", "split_values"]
+__all__ = ["CHITCHAT", "Episode", "EpisodeConfig", "RELATIONS", "SPLITS", "episodes", "make_episode", "parse_relations", "split_values"]
