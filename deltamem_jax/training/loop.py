@@ -270,7 +270,8 @@ def train(
 
 
 def plot_curves(metrics: Path, png: Path) -> None:
-    """Training loss (and its running mean) and the held-out recall probes, per step."""
+    """Training loss (and its running mean), the plain-text KL when trained with it, and the
+    held-out recall probes, per step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -286,7 +287,9 @@ def plot_curves(metrics: Path, png: Path) -> None:
         k = max(1, len(loss) // 50)
         ax[0].plot(steps, loss, alpha=0.3, label="answer CE (batch)")
         ax[0].plot(steps[k - 1 :], np.convolve(loss, np.ones(k) / k, "valid"), label=f"running mean ({k})")
-    ax[0].set(xlabel="micro-step", ylabel="cross-entropy per answer token", title="training")
+        if all("plain_kl" in r for r in train):  # the run trained with the plain-text KL term
+            ax[0].plot(steps, [r["plain_kl"] for r in train], label="plain-text KL to the frozen model (batch)")
+    ax[0].set(xlabel="micro-step", ylabel="nats per token", title="training")
     ax[0].legend()
     if evals:
         steps = [r["step"] for r in evals]
