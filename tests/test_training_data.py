@@ -100,3 +100,6 @@ def test_relation_subset_for_a_curriculum():
         data.EpisodeConfig(relations=("door",))
     with pytest.raises(ValueError, match="max_facts ≤ 2"):
         data.EpisodeConfig(max_facts=3, relations=("door_code", "locker", "colour"))
+    # without never-said questions every kind of the subset can be stated in one episode
+    whole = data.EpisodeConfig(min_facts=3, max_facts=3, max_chitchat=0, update_rate=0.0, never_said_rate=0.0, relations=("door_code", "locker", "colour"))
+    assert all(e.num_facts == 3 and len(e.turns) == 3 and not e.never_said for e in data.episodes(3, "train", 0, 20, whole))

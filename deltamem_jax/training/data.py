@@ -260,9 +260,11 @@ class EpisodeConfig:
         unknown = sorted(set(self.relations) - {r.kind for r in RELATIONS})
         if unknown:
             raise ValueError(f"unknown relation kinds {unknown}; known: {[r.kind for r in RELATIONS]}")
-        n = len(self.pool)
-        if not 1 <= self.min_facts <= self.max_facts <= n - 1:
-            raise ValueError(f"need 1 ≤ min_facts ≤ max_facts ≤ {n - 1} (relation kinds − 1), got {self.min_facts}, {self.max_facts}")
+        # a never-said question needs a kind the episode did not state
+        n = len(self.pool) - (self.never_said_rate > 0)
+        if not 1 <= self.min_facts <= self.max_facts <= n:
+            what = "relation kinds − 1, for never-said questions" if self.never_said_rate > 0 else "relation kinds"
+            raise ValueError(f"need 1 ≤ min_facts ≤ max_facts ≤ {n} ({what}), got {self.min_facts}, {self.max_facts}")
 
     @property
     def pool(self) -> tuple[Relation, ...]:

@@ -289,14 +289,14 @@ def plot_curves(metrics: Path, png: Path) -> None:
         ax[0].plot(steps[k - 1 :], np.convolve(loss, np.ones(k) / k, "valid"), label=f"running mean ({k})")
         if all("plain_kl" in r for r in train):  # the run trained with the plain-text KL term
             ax[0].plot(steps, [r["plain_kl"] for r in train], label="plain-text KL to the frozen model (batch)")
+        ax[0].legend()
     ax[0].set(xlabel="micro-step", ylabel="nats per token", title="training")
-    ax[0].legend()
     if evals:
         steps = [r["step"] for r in evals]
         for key in ("matched", "other", "empty"):
             ax[1].plot(steps, [r["eval"][key] for r in evals], marker="o", label=f"{key} memory")
+        ax[1].legend()
     ax[1].set(xlabel="micro-step", ylabel="held-out answer CE", title="recall probe (matched vs another episode's memory)")
-    ax[1].legend()
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
