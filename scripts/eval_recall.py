@@ -26,7 +26,7 @@ from deltamem_jax.adapter import load_adapter
 from deltamem_jax.cli import load_backbone
 from deltamem_jax.evaluation.recall import CONDITIONS, RecallEvaluator, correct, perplexity, plain_text_chunks, summarize, token_f1
 from deltamem_jax.session import DEFAULT_ADAPTER
-from deltamem_jax.training.data import EpisodeConfig, episodes, parse_relations
+from deltamem_jax.training.data import EpisodeConfig, episodes, max_facts_for, parse_relations
 from models.sharding import shard_model
 
 LOCOMO = "../shared/data/locomo/locomo10.json"
@@ -60,7 +60,7 @@ def main() -> int:
         shard_model(model, mesh)
     n = min(a.episodes, a.limit or a.episodes)
     relations = parse_relations(a.relations)
-    max_facts = a.max_facts or (min(6, len(relations) - 1) if relations else 6)
+    max_facts = a.max_facts or min(6, max_facts_for(relations, EpisodeConfig.never_said_rate))
     eps = episodes(a.seed, "eval", 0, n, EpisodeConfig(max_facts=max_facts, relations=relations))
     ev = RecallEvaluator(model, tok)
     records = []

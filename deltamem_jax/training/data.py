@@ -246,6 +246,12 @@ class Episode:
     never_said: bool
 
 
+def max_facts_for(relations: tuple[str, ...], never_said_rate: float) -> int:
+    """The most facts one episode can state from `relations` (() = all kinds): every kind,
+    less one when never-said questions need a kind the episode did not state."""
+    return (len(set(relations)) or len(RELATIONS)) - (never_said_rate > 0)
+
+
 @dataclasses.dataclass(frozen=True)
 class EpisodeConfig:
     min_facts: int = 1
@@ -260,8 +266,7 @@ class EpisodeConfig:
         unknown = sorted(set(self.relations) - {r.kind for r in RELATIONS})
         if unknown:
             raise ValueError(f"unknown relation kinds {unknown}; known: {[r.kind for r in RELATIONS]}")
-        # a never-said question needs a kind the episode did not state
-        n = len(self.pool) - (self.never_said_rate > 0)
+        n = max_facts_for(self.relations, self.never_said_rate)
         if not 1 <= self.min_facts <= self.max_facts <= n:
             what = "relation kinds − 1, for never-said questions" if self.never_said_rate > 0 else "relation kinds"
             raise ValueError(f"need 1 ≤ min_facts ≤ max_facts ≤ {n} ({what}), got {self.min_facts}, {self.max_facts}")
@@ -331,4 +336,4 @@ def split_values(split: str) -> set[str]:
     return set(itertools.chain.from_iterable(_pool(p, split) for p in pools))
 
 
-__all__ = ["CHITCHAT", "Episode", "EpisodeConfig", "RELATIONS", "SPLITS", "episodes", "make_episode", "parse_relations", "split_values"]
+__all__ = ["CHITCHAT", "Episode", "EpisodeConfig", "RELATIONS", "SPLITS", "episodes", "make_episode", "max_facts_for", "parse_relations", "split_values"]
