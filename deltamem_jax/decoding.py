@@ -197,6 +197,10 @@ def layer_buffers(model: Decoder) -> list:
 def _decode(graphdef, params, buffers, state: DecodeState, stop_ids, steps: int, sampling: Sampling, write: WriteMode, shardings):
     model = nnx.merge(graphdef, params)
     control = WriteControl(write)
+    # over layer buffers, each layer's cache is its own array through the loop (KVCache.unstack);
+    # on a mesh the cache keeps its stacked, placed form
+    on_mesh = any(s is not None for s in jax.tree.leaves(shardings, is_leaf=lambda x: x is None))
+    per_layer = buffers is not None and not on_mesh
 
     def step(s: DecodeState, _):
         key, sub = jax.random.split(s.key)
@@ -209,9 +213,13 @@ def _decode(graphdef, params, buffers, state: DecodeState, stop_ids, steps: int,
         )
         done = s.done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
         new = DecodeState(cache, memory, logits[:, -1], s.positions + live, key, done)
-        return keep_shardings(new, shardings), (tok, live)  # the carry stays where it was placed
+        return (keep_shardings(new, shardings) if on_mesh else new), (tok, live)  # the carry stays where it was placed
 
+    if per_layer:
+        state = state.replace(cache=state.cache.unstack())
     state, (tokens, live) = jax.lax.scan(step, state, None, length=steps)
+    if per_layer:
+        state = state.replace(cache=state.cache.stack())
     return state, tokens.T, live.T  # [b, steps]
 
 

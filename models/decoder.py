@@ -51,8 +51,8 @@ class KVCache:
 
     # Layouts chosen so both attention products contract over the minor axis (no
     # per-step transposing copy of the cache): q·k over h, p·v over s.
-    k: Array  # [l, b, k, s, h]
-    v: Array  # [l, b, k, h, s]
+    k: Array  # [l, b, k, s, h], or per layer (`unstack`) a tuple of [b, k, s, h]
+    v: Array  # [l, b, k, h, s], or per layer a tuple of [b, k, h, s]
     valid: Array  # [b, s] bool
     end: Array  # [] int32: slots in use
 
@@ -68,17 +68,40 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.valid.shape[1]
 
-    def append(self, k: Array, v: Array, valid: Array) -> KVCache:
-        """Writes new keys/values `[l, b, t, k, h]` at slot `end` (in place under donation)."""
-        k = k.transpose(0, 1, 3, 2, 4).astype(self.k.dtype)  # [l, b, k, t, h]
-        v = v.transpose(0, 1, 3, 4, 2).astype(self.v.dtype)  # [l, b, k, h, t]
+    @property
+    def per_layer(self) -> bool:
+        return isinstance(self.k, tuple)
+
+    def unstack(self) -> KVCache:
+        """The same cache with each layer's keys and values as separate arrays: a decode loop
+        over `layer_buffers` carries it so, since on XLA CPU every step would otherwise copy
+        each layer's slice out of the stacked cache (4× the attention time at 2k slots)."""
+        return self.replace(k=tuple(self.k), v=tuple(self.v))
+
+    def stack(self) -> KVCache:
+        """The inverse of `unstack`."""
+        return self.replace(k=jnp.stack(self.k), v=jnp.stack(self.v))
+
+    def append(self, k, v, valid: Array) -> KVCache:
+        """Writes new keys/values at slot `end` (in place under donation): `[l, b, t, k, h]`,
+        or for a per-layer cache a sequence of `[b, t, k, h]`, one per layer."""
+        if self.per_layer:
+            new_k = tuple(
+                jax.lax.dynamic_update_slice(c, x.transpose(0, 2, 1, 3).astype(c.dtype), (0, 0, self.end, 0)) for c, x in zip(self.k, k)
+            )
+            new_v = tuple(
+                jax.lax.dynamic_update_slice(c, x.transpose(0, 2, 3, 1).astype(c.dtype), (0, 0, 0, self.end)) for c, x in zip(self.v, v)
+            )
+        else:
+            new_k = jax.lax.dynamic_update_slice(self.k, k.transpose(0, 1, 3, 2, 4).astype(self.k.dtype), (0, 0, 0, self.end, 0))
+            new_v = jax.lax.dynamic_update_slice(self.v, v.transpose(0, 1, 3, 4, 2).astype(self.v.dtype), (0, 0, 0, 0, self.end))
         return KVCache(
-            k=jax.lax.dynamic_update_slice(self.k, k, (0, 0, 0, self.end, 0)),
-            v=jax.lax.dynamic_update_slice(self.v, v, (0, 0, 0, 0, self.end)),
+            k=new_k,
+            v=new_v,
             valid=jax.lax.dynamic_update_slice(self.valid, valid, (0, self.end)),
-            end=self.end + k.shape[3],  # k is [l, b, k, t, h] here
+            end=self.end + valid.shape[1],
         )
 
 
@@ -123,12 +146,8 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
 ATTENTION_BLOCK = 512  # prompts longer than this attend blockwise, in blocks of this size
 
 
-def dense_attention(qg: Array, k: Array, v: Array, valid: Array, cache) -> Array:
-    """Causal GQA attention with the full score matrix (decode steps and short prompts).
-
-    qg [b,t,k,g,h] (scaled), k, v [b,t,k,h], valid [b,t]; cache None or
-    (ck [b,k,s,h], cv [b,k,h,s], cvalid [b,s]), all before the new tokens. → [b,t,k,g,h]
-    """
+def _grouped_attention(qg: Array, k: Array, v: Array, valid: Array, cache) -> Array:
+    """`dense_attention` with a separate `g` axis: faster for a decode step (t = 1) on CPU."""
     t = qg.shape[1]
     causal = jnp.tril(jnp.ones((t, t), bool))
     scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
@@ -145,46 +164,85 @@ def dense_attention(qg: Array, k: Array, v: Array, valid: Array, cache) -> Array
     return out + jnp.einsum("bkgts,bskh->btkgh", ps.astype(v.dtype), v)
 
 
+def dense_attention(qg: Array, k: Array, v: Array, valid: Array, cache) -> Array:
+    """Causal GQA attention with the full score matrix (decode steps and short prompts).
+
+    qg [b,t,k,g,h] (scaled), k, v [b,t,k,h], valid [b,t]; cache None or
+    (ck [b,k,s,h], cv [b,k,h,s], cvalid [b,s]), all before the new tokens. → [b,t,k,g,h]
+    The `g` query heads of a KV head are stacked into one `[g·t, h]` matrix, so both
+    products are plain batched matmuls (2.5× faster for a 512-token prompt on CPU than a
+    separate `g` axis, which stays faster for a single decode token).
+    """
+    b, t, kvh, g, h = qg.shape
+    if t == 1:
+        return _grouped_attention(qg, k, v, valid, cache)
+    q = qg.transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, h)
+    causal = jnp.tile(jnp.tril(jnp.ones((t, t), bool)), (g, 1))  # [gt, t]
+    scores = jnp.einsum("bkqh,bskh->bkqs", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(causal & valid[:, None, None, :], scores, _MASKED)
+    if cache is None:
+        probs = jax.nn.softmax(scores, axis=-1)
+        out = jnp.einsum("bkqs,bskh->bkqh", probs.astype(v.dtype), v)
+    else:
+        ck, cv, cvalid = cache
+        cs = jnp.einsum("bkqh,bksh->bkqs", q, ck, preferred_element_type=jnp.float32)
+        cs = jnp.where(cvalid[:, None, None, :], cs, _MASKED)
+        probs = jax.nn.softmax(jnp.concatenate([cs, scores], axis=-1), axis=-1)
+        pc, ps = probs[..., : ck.shape[2]], probs[..., ck.shape[2] :]
+        out = jnp.einsum("bkqs,bkhs->bkqh", pc.astype(cv.dtype), cv)
+        out = out + jnp.einsum("bkqs,bskh->bkqh", ps.astype(v.dtype), v)
+    return out.reshape(b, kvh, g, t, h).transpose(0, 3, 1, 2, 4)
+
+
 def blockwise_attention(qg: Array, k: Array, v: Array, valid: Array, cache, block: int = ATTENTION_BLOCK) -> Array:
     """`dense_attention` computed block by block with an online softmax (flash-attention
     style): peak memory is linear in the prompt length, and key blocks wholly in a query
-    block's future are skipped. Same arguments and result as `dense_attention`.
+    block's future, or with no valid key, are skipped. Same arguments and result as
+    `dense_attention`.
+
+    Layout, for speed on CPU: each query block is one `[g·B, h]` matrix per KV head (the
+    `g` query heads sharing a KV head stacked), so both products are plain batched
+    matmuls; the new keys start on a block boundary (the cache part is padded to whole
+    blocks), so a segment's causal skipping is exact.
     """
     b, t, kvh, g, h = qg.shape
-    keys, values, kvalid = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), valid  # [b,k,t,h], [b,t]
+    keys, values, kvalid = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1), valid  # [b,k,t,h], [b,k,h,t], [b,t]
     s = 0
     if cache is not None:
-        ck, cv, cvalid = cache
-        s = ck.shape[2]
-        keys = jnp.concatenate([ck, keys.astype(ck.dtype)], axis=2)
-        values = jnp.concatenate([cv.transpose(0, 1, 3, 2), values.astype(cv.dtype)], axis=2)
-        kvalid = jnp.concatenate([cvalid, valid], axis=1)
-    nq, nk = -(-t // block), -(-(s + t) // block)
+        ck, cv, cvalid = cache  # [b,k,S,h], [b,k,h,S], [b,S]
+        s = -(-ck.shape[2] // block) * block
+        pad_c = s - ck.shape[2]
+        keys = jnp.concatenate([jnp.pad(ck, ((0, 0), (0, 0), (0, pad_c), (0, 0))), keys.astype(ck.dtype)], axis=2)
+        values = jnp.concatenate([jnp.pad(cv, ((0, 0), (0, 0), (0, 0), (0, pad_c))), values.astype(cv.dtype)], axis=3)
+        kvalid = jnp.concatenate([jnp.pad(cvalid, ((0, 0), (0, pad_c))), valid], axis=1)
+    nq = -(-t // block)
+    nk = s // block + nq
     pad_k = nk * block - (s + t)
     keys = jnp.pad(keys, ((0, 0), (0, 0), (0, pad_k), (0, 0))).reshape(b, kvh, nk, block, h).transpose(2, 0, 1, 3, 4)
-    values = jnp.pad(values, ((0, 0), (0, 0), (0, pad_k), (0, 0))).reshape(b, kvh, nk, block, h).transpose(2, 0, 1, 3, 4)
+    values = jnp.pad(values, ((0, 0), (0, 0), (0, 0), (0, pad_k))).reshape(b, kvh, h, nk, block).transpose(3, 0, 1, 2, 4)
     kvalid = jnp.pad(kvalid, ((0, 0), (0, pad_k))).reshape(b, nk, block).transpose(1, 0, 2)  # [nk, b, B]
     qblocks = jnp.pad(qg, ((0, 0), (0, nq * block - t), (0, 0), (0, 0), (0, 0)))
-    qblocks = qblocks.reshape(b, nq, block, kvh, g, h).transpose(1, 0, 2, 3, 4, 5)  # [nq, b, B, k, g, h]
+    qblocks = qblocks.reshape(b, nq, block, kvh, g, h).transpose(1, 0, 3, 4, 2, 5).reshape(nq, b, kvh, g * block, h)
     offsets = jnp.arange(block)
+    row_offsets = jnp.tile(offsets, g)  # each row of a [g·B] query block: its token's place in the block
 
     def one_query_block(args):
-        qb, qi = args  # [b,B,k,g,h], []
-        q_index = s + qi * block + offsets  # key-space index of each query token
+        qb, qi = args  # [b,k,gB,h], []
+        q_index = s + qi * block + row_offsets  # key-space index of each query row
 
         def one_key_block(carry, xs):
-            kb, vb, kv_ok, ki = xs  # [b,k,B,h], [b,k,B,h], [b,B], []
+            kb, vb, kv_ok, ki = xs  # [b,k,B,h], [b,k,h,B], [b,B], []
             k_index = ki * block + offsets
 
             def update(carry):
-                m, l, acc = carry  # [b,k,g,B], [b,k,g,B], [b,k,g,B,h] (float32)
-                allowed = kv_ok[:, None, None, None, :] & (k_index[None, :] <= q_index[:, None])
-                sc = jnp.einsum("bqkgh,bksh->bkgqs", qb, kb, preferred_element_type=jnp.float32)
+                m, l, acc = carry  # [b,k,gB], [b,k,gB], [b,k,gB,h] (float32)
+                allowed = kv_ok[:, None, None, :] & (k_index[None, :] <= q_index[:, None])
+                sc = jnp.einsum("bkqh,bksh->bkqs", qb, kb, preferred_element_type=jnp.float32)
                 sc = jnp.where(allowed, sc, _MASKED)
                 m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
                 p = jnp.exp(sc - m_new[..., None])
                 scale = jnp.exp(m - m_new)
-                pv = jnp.einsum("bkgqs,bksh->bkgqh", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+                pv = jnp.einsum("bkqs,bkhs->bkqh", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
                 return m_new, l * scale + jnp.sum(p, axis=-1), acc * scale[..., None] + pv
 
             # skip blocks wholly in the future, and blocks with no valid key (the unused
@@ -193,15 +251,15 @@ def blockwise_attention(qg: Array, k: Array, v: Array, valid: Array, cache, bloc
             return jax.lax.cond(needed, update, lambda c: c, carry), None
 
         init = (
-            jnp.full((b, kvh, g, block), _MASKED, jnp.float32),
-            jnp.zeros((b, kvh, g, block), jnp.float32),
-            jnp.zeros((b, kvh, g, block, h), jnp.float32),
+            jnp.full((b, kvh, g * block), _MASKED, jnp.float32),
+            jnp.zeros((b, kvh, g * block), jnp.float32),
+            jnp.zeros((b, kvh, g * block, h), jnp.float32),
         )
         (_, l, acc), _ = jax.lax.scan(one_key_block, init, (keys, values, kvalid, jnp.arange(nk)))
-        return (acc / l[..., None]).astype(qg.dtype)  # [b,k,g,B,h]
+        return (acc / l[..., None]).astype(qg.dtype)  # [b,k,gB,h]
 
-    out = jax.lax.map(one_query_block, (qblocks, jnp.arange(nq)))  # [nq, b, k, g, B, h]
-    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * block, kvh, g, h)
+    out = jax.lax.map(one_query_block, (qblocks, jnp.arange(nq)))  # [nq, b, k, gB, h]
+    out = out.reshape(nq, b, kvh, g, block, h).transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * block, kvh, g, h)
     return out[:, :t]
 
 
@@ -342,7 +400,7 @@ class Decoder(nnx.Module):
         out of the stack every step (see `decoding.scan_layers_default`).
         """
         x = self.embed[...][tokens]  # [b, t, d]
-        graphdef, per_layer = nnx.split(self.layers)
+        graphdef, stacked = nnx.split(self.layers)
         cache_xs = (cache.k, cache.v) if attend_cache else None
 
         def one_layer(x, xs):
@@ -354,15 +412,19 @@ class Decoder(nnx.Module):
 
         if remat:
             one_layer = jax.checkpoint(one_layer)
-        if layer_buffers is None:
-            x, ((k, v), memory) = jax.lax.scan(one_layer, x, (per_layer, cache_xs, memory))
-        else:
-            outs = []
+        if layer_buffers is None and not cache.per_layer:
+            x, ((k, v), memory) = jax.lax.scan(one_layer, x, (stacked, cache_xs, memory))
+        elif layer_buffers is not None:
+            ks, vs, mems = [], [], []
             for i, state in enumerate(layer_buffers):
-                kv_cache, mem = jax.tree.map(lambda a: a[i], (cache_xs, memory))  # noqa: B023
-                x, out = one_layer(x, (state, kv_cache, mem))
-                outs.append(out)
-            (k, v), memory = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+                kv_cache = None if cache_xs is None else (cache.k[i], cache.v[i])
+                mem = jax.tree.map(lambda a: a[i], memory)  # noqa: B023
+                x, ((k, v), mem) = one_layer(x, (state, kv_cache, mem))
+                ks.append(k), vs.append(v), mems.append(mem)
+            memory = jax.tree.map(lambda *a: jnp.stack(a), *mems)
+            k, v = (ks, vs) if cache.per_layer else (jnp.stack(ks), jnp.stack(vs))
+        elif cache.per_layer:
+            raise ValueError("a per-layer KV cache (KVCache.unstack) needs layer_buffers")
         cache = cache.append(k, v, valid)
         if last_only:
             x = x[:, -1:]
