@@ -193,8 +193,8 @@ class DeltaMemAttention(nnx.Module):
             k = k + self.memory.correction("k", reads, k.dtype)
         if "v" in branches:
             v = v + self.memory.correction("v", reads, v.dtype)
-        a, k = self.base.attend(q, k, v, positions, valid, cache, use_rope)
+        a, kv = self.base.attend(q, k, v, positions, valid, cache, use_rope)
         y = self.base.output(a)
         if "o" in branches:
             y = y + self.memory.correction("o", reads, y.dtype)
-        return y, (k, v), memory
+        return y, kv, memory

@@ -228,8 +228,9 @@ def test_one_scan_equals_single_steps(tsw):
 
 
 def test_per_layer_buffers_equal_the_layer_scan(tsw):
-    """Decode over per-layer weight copies (the CPU default) = decode over the stacked
-    layers with a scan: same tokens, logits, memory and cache."""
+    """Decode over per-layer weight copies and a per-layer cache written in place (the CPU
+    default) = decode over the stacked layers with a scan: same tokens, logits, memory and
+    cache."""
     b, V = 2, tsw.cfg.vocab_size
     prompt = jnp.asarray(np.random.default_rng(7).integers(1, V, (b, PAD_LEN)).astype(np.int32))
 
@@ -242,7 +243,13 @@ def test_per_layer_buffers_equal_the_layer_scan(tsw):
     _close(loop.logits, scan.logits, 1e-5)
     _close(loop.memory.S, scan.memory.S, 1e-6)
     _close(loop.cache.k, scan.cache.k, 1e-6)
+    _close(loop.cache.v, scan.cache.v, 1e-6)
+    np.testing.assert_array_equal(loop.cache.valid, scan.cache.valid)
+    assert int(loop.cache.end) == int(scan.cache.end) == PAD_LEN + N_NEW
+    assert not loop.cache.per_layer  # the loop's per-layer cache leaves decode stacked again
     assert gen_module.layer_buffers(tsw) is gen_module.layer_buffers(tsw)  # built once per model
+    with pytest.raises(ValueError, match="per-layer KV cache"):
+        tsw(prompt[:, :1], _arange(b, 1), jnp.ones((b, 1), bool), fresh().cache.unstack())
 
 
 # ---------------------------------------------------------------------------- (b) padding
