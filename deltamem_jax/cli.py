@@ -134,7 +134,7 @@ def cmd_chat(args) -> int:
 
 
 # What the default adapter was trained to recall: numbers and dates (docs/RESULTS.md,
-# stages 5–6). The values are from the held-out split, never seen in training, and were
+# stage 5 onward). The values are from the held-out split, never seen in training, and were
 # fixed before the adapter was first evaluated.
 DEMO_FACTS = ["My door code is 2472.", "My locker number is 536.", "My birthday is March 14.", "My dentist appointment is Monday at 4 pm."]
 DEMO_QUESTIONS = ["What is my door code?", "What is my locker number?", "When is my birthday?", "When is my dentist appointment?"]

@@ -89,12 +89,16 @@ class KVCache:
         """Writes new keys/values `[l, b, t, k, h]` at slot `end` (in place under donation)."""
         k = k.transpose(0, 1, 3, 2, 4).astype(self.k.dtype)  # [l, b, k, t, h]
         v = v.transpose(0, 1, 3, 4, 2).astype(self.v.dtype)  # [l, b, k, h, t]
-        return KVCache(
-            k=jax.lax.dynamic_update_slice(self.k, k, (0, 0, 0, self.end, 0)),
-            v=jax.lax.dynamic_update_slice(self.v, v, (0, 0, 0, 0, self.end)),
-            valid=jax.lax.dynamic_update_slice(self.valid, valid, (0, self.end)),
-            end=self.end + k.shape[3],
+        return self.written(
+            jax.lax.dynamic_update_slice(self.k, k, (0, 0, 0, self.end, 0)),
+            jax.lax.dynamic_update_slice(self.v, v, (0, 0, 0, 0, self.end)),
+            valid,
         )
+
+    def written(self, k, v, valid: Array) -> KVCache:
+        """The cache with keys/values `k`, `v` that already hold the new tokens `valid`
+        `[b, t]` at slot `end`: marks those slots and moves `end` past them."""
+        return KVCache(k=k, v=v, valid=jax.lax.dynamic_update_slice(self.valid, valid, (0, self.end)), end=self.end + valid.shape[1])
 
 
 class CacheSlots(NamedTuple):
@@ -448,9 +452,7 @@ class Decoder(nnx.Module):
                 ks.append(k), vs.append(v), mems.append(mem)
             memory = jax.tree.map(lambda *a: jnp.stack(a), *mems)
             if cache.per_layer:  # ks, vs are the layers' updated caches
-                cache = cache.replace(
-                    k=tuple(ks), v=tuple(vs), valid=jax.lax.dynamic_update_slice(cache.valid, valid, (0, cache.end)), end=cache.end + valid.shape[1]
-                )
+                cache = cache.written(tuple(ks), tuple(vs), valid)
             else:
                 cache = cache.append(jnp.stack(ks), jnp.stack(vs), valid)
         if last_only:
