@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deltamem_jax.adapter import memory_of
-from deltamem_jax.decoding import DecodeState, Sampling, bucket, decode, left_pad, prefill, prompt_length
+from deltamem_jax.decoding import DecodeState, Sampling, bucket, left_pad, prefill, prompt_length, stream
 from deltamem_jax.evaluation.locomo_metric import score
 from deltamem_jax.session import DEFAULT_SYSTEM, Session, memory_only_turn, write_control
 from deltamem_jax.state import MemoryState, WriteControl, WriteMode
@@ -240,8 +240,9 @@ class LoCoMoRunner:
     def _decode_texts(self, state: DecodeState, write: bool, key: jax.Array) -> list[str]:
         state = state.replace(key=key)
         mode = WriteMode.TOKENS if write else WriteMode.READ_ONLY
-        _, out, live = decode(self.model, state, self.max_new_tokens, self.tok.eos_ids, self.sampling, write=mode)
-        out = np.where(np.asarray(live), np.asarray(out), -1)
+        # chunks of 10 steps, stopping once every reply in the batch has ended (−1 after a stop)
+        pieces = stream(self.model, state, self.max_new_tokens, self.tok.eos_ids, self.sampling, chunk=10, write=mode)
+        out = np.concatenate(list(pieces), axis=1)
         return [self.tok.decode([int(t) for t in row if t >= 0]).strip() for row in out]
 
     def answer(self, snapshot: tuple[DecodeState | None, MemoryState | None], protocol: str, questions: Sequence[QA], step: int = 0) -> list[str]:

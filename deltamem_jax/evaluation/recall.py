@@ -29,13 +29,12 @@ import numpy as np
 from flax import nnx
 
 from deltamem_jax.adapter import memory_of
-from deltamem_jax.decoding import bucket, decode, left_pad, prefill
+from deltamem_jax.decoding import bucket, left_pad, prefill, stream
 from deltamem_jax.state import MemoryState, WriteControl, WriteMode
 from deltamem_jax.training.batches import Renderer
 from deltamem_jax.training.data import Episode
 from deltamem_jax.training.step import write_pass
 from models.decoder import KVCache
-from models.sharding import gather
 
 CONDITIONS = ("floor", "ceiling", "memory_only", "context_memory", "mismatched_memory")
 NOT_TOLD = ("haven't told", "have not told", "didn't tell", "did not tell", "don't know", "do not know",
@@ -85,9 +84,8 @@ class RecallEvaluator:
         cache = KVCache.create(self.model.cfg, len(prompts), length + bucket(self.max_new_tokens))
         mode = WriteMode.TOKENS if write else WriteMode.READ_ONLY
         state = prefill(self.model, tokens, positions, valid, cache, memory, WriteControl(mode))
-        _, out, live = decode(self.model, state, self.max_new_tokens, self.tok.eos_ids, write=mode)
-        live, out = gather((live, out))  # whole on every process, however it was sharded
-        out = np.where(live, out, -1)
+        # chunks of 8 steps, stopping once every reply has ended (−1 after a stop; whole on every process)
+        out = np.concatenate(list(stream(self.model, state, self.max_new_tokens, self.tok.eos_ids, chunk=8, write=mode)), axis=1)
         return [self.tok.decode([int(t) for t in row if t >= 0]) for row in out]
 
     def answers(self, eps: Sequence[Episode], conditions: Sequence[str] = CONDITIONS) -> dict[str, list[str]]:
