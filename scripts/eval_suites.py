@@ -3,6 +3,7 @@ beyond the context window included), multi-fact saturation and fact updates, wit
 
 See `deltamem_jax/evaluation/suites.py`. Usage:
   python scripts/eval_suites.py --json out.json --plots docs/plots
+  python scripts/eval_suites.py --relations door_code,locker,birthday,appointment --facts 1,2,3,4 --json out.json
   python scripts/eval_suites.py --lengths 256,1024 --depths 0.5 --trials 1 --facts 1,2 --episodes 8 --updates 8
 """
 
@@ -64,6 +65,7 @@ def main(argv=None) -> int:
     p.add_argument("--facts", default="1,2,4,6,8", help="fact counts for the saturation suite")
     p.add_argument("--episodes", type=int, default=40, help="episodes per fact count")
     p.add_argument("--updates", type=int, default=60, help="update episodes")
+    p.add_argument("--relations", default="", help="relation kinds of the facts and updates suites (default: all), e.g. door_code,locker")
     p.add_argument("--json", help="summary (and records) output")
     p.add_argument("--plots", default="docs/plots", help="folder for the PNG plots")
     a = p.parse_args(argv)
@@ -72,20 +74,22 @@ def main(argv=None) -> int:
     from deltamem_jax.cli import load_backbone
     from deltamem_jax.evaluation.suites import run_facts, run_passkey, run_updates, summarize_suites
     from deltamem_jax.session import DEFAULT_ADAPTER
+    from deltamem_jax.training.data import parse_relations
 
     t0 = time.perf_counter()
     model, tok = load_backbone(a.model)
     adapter = a.adapter or str(DEFAULT_ADAPTER)
     load_adapter(model, adapter)
     log = lambda s: print(f"[{time.perf_counter() - t0:6.0f} s] {s}", flush=True)  # noqa: E731
+    relations = parse_relations(a.relations)
     records = []
     if a.trials:
         records += run_passkey(model, tok, [int(x) for x in a.lengths.split(",")], [float(x) for x in a.depths.split(",")], a.trials, log=log)
     if a.episodes:
-        records += run_facts(model, tok, [int(x) for x in a.facts.split(",")], a.episodes, log=log)
+        records += run_facts(model, tok, [int(x) for x in a.facts.split(",")], a.episodes, log=log, relations=relations)
     if a.updates:
-        records += run_updates(model, tok, a.updates, log=log)
-    summary = {"adapter": adapter, "seconds": time.perf_counter() - t0, **summarize_suites(records)}
+        records += run_updates(model, tok, a.updates, log=log, relations=relations)
+    summary = {"adapter": adapter, "relations": list(relations) or "all", "seconds": time.perf_counter() - t0, **summarize_suites(records)}
     summary["plots"] = plot(summary, Path(a.plots))
     print(json.dumps({k: v for k, v in summary.items() if k != "plots"}, indent=1))
     if a.json:

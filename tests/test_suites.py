@@ -46,8 +46,9 @@ def test_suites_run_end_to_end_on_a_tiny_backbone():
     model = models.Decoder(TINY, nnx.Rngs(0))
     model.embed[...] = jax.random.normal(jax.random.key(0), model.embed[...].shape) / np.sqrt(TINY.hidden_size) * 4
     dm.attach(model, dm.DeltaMemConfig())
-    records = run_passkey(model, tok, [300], [0.5], 1) + run_facts(model, tok, [1, 2], 3) + run_updates(model, tok, 3)
+    records = run_passkey(model, tok, [300], [0.5], 1) + run_facts(model, tok, [1, 2], 3, relations=("door_code", "locker")) + run_updates(model, tok, 3)
     s = summarize_suites(records)
     assert s["passkey"]["by_length"].keys() == {"300"} and 0.0 <= s["passkey"]["accuracy"] <= 1.0
     assert set(s["facts"]) == {"1", "2"} and s["facts"]["2"]["n"] == 3
+    assert {r["relation"] for r in records if r["suite"] == "facts"} <= {"door_code", "locker"}
     assert s["updates"]["n"] == 3 and 0.0 <= s["updates"]["later_value"] <= 1.0

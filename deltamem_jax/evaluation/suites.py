@@ -72,11 +72,13 @@ def run_passkey(model, tokenizer, lengths: Sequence[int], depths: Sequence[float
     return records
 
 
-def run_facts(model, tokenizer, counts: Sequence[int], episodes_per_count: int, seed: int = 4321, log=None) -> list[dict]:
-    """One record per episode with n facts: correct with its own and with another episode's memory."""
+def run_facts(model, tokenizer, counts: Sequence[int], episodes_per_count: int, seed: int = 4321, log=None,
+              relations: tuple[str, ...] = ()) -> list[dict]:  # fmt: skip
+    """One record per episode with n facts (of the `relations` kinds; () = all): correct with
+    its own and with another episode's memory."""
     records = []
     for n in counts:
-        cfg = EpisodeConfig(min_facts=n, max_facts=n, max_chitchat=0, update_rate=0.0, never_said_rate=0.0)
+        cfg = EpisodeConfig(min_facts=n, max_facts=n, max_chitchat=0, update_rate=0.0, never_said_rate=0.0, relations=relations)
         ev = RecallEvaluator(model, tokenizer, renderer=Renderer(tokenizer, Layout(max_turns=cfg.max_turns)))
         eps = episodes(seed, "eval", 0, episodes_per_count, cfg)
         ans = ev.answers(eps, ("memory_only", "mismatched_memory"))
@@ -89,9 +91,9 @@ def run_facts(model, tokenizer, counts: Sequence[int], episodes_per_count: int, 
     return records
 
 
-def run_updates(model, tokenizer, n_episodes: int, seed: int = 987, log=None) -> list[dict]:
+def run_updates(model, tokenizer, n_episodes: int, seed: int = 987, log=None, relations: tuple[str, ...] = ()) -> list[dict]:
     """Episodes whose asked fact was restated with a new value: the later value must win."""
-    cfg = EpisodeConfig(min_facts=1, max_facts=3, max_chitchat=0, update_rate=1.0, never_said_rate=0.0)
+    cfg = EpisodeConfig(min_facts=1, max_facts=3, max_chitchat=0, update_rate=1.0, never_said_rate=0.0, relations=relations)
     ev = RecallEvaluator(model, tokenizer, renderer=Renderer(tokenizer, Layout(max_turns=cfg.max_turns)))
     eps = [e for e in episodes(seed, "eval", 0, n_episodes, cfg)]
     ans = ev.answers(eps, ("memory_only", "mismatched_memory"))
