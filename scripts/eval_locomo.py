@@ -39,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=8, help="questions decoded together per snapshot")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results", default="runs/locomo/results.jsonl", help="per-question records (resume file)")
+    p.add_argument("--time-limit", type=float, help="start no new batch after this many seconds; summarize what is done (rerun to resume)")
     p.add_argument("--json", help="summary output")
     return p.parse_args(argv)
 
@@ -87,6 +88,11 @@ def main(argv=None) -> int:
     records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.is_file() else []
     done = {(r["protocol"], r["sample_id"], r["qa_index"]) for r in records}
     t0 = time.perf_counter()
+    before = max((r.get("run_seconds", 0.0) for r in records), default=0.0)
+
+    def out_of_time() -> bool:
+        return a.time_limit is not None and time.perf_counter() - t0 > a.time_limit
+
     bar = tqdm(total=sum(len([q for q in c.qa if q.category in categories][: a.max_questions]) for c in convs) * len(protocols),
                desc="locomo", dynamic_ncols=True)  # fmt: skip
     runner = LoCoMoRunner(model, tok, batch=a.batch, sampling=sampling, max_new_tokens=a.max_new_tokens, seed=a.seed, log=bar.set_postfix_str)
@@ -97,7 +103,8 @@ def main(argv=None) -> int:
                 skip = {q.index for q in questions if (protocol, conv.sample_id, q.index) in done}
                 bar.update(len(skip))
                 bar.set_description(f"{conv.sample_id} {protocol}")
-                for rec in runner.run(conv, protocol, questions, skip):
+                for rec in runner.run(conv, protocol, questions, skip, stop=out_of_time):
+                    rec["run_seconds"] = before + time.perf_counter() - t0  # wall time of the whole run so far, resumes included
                     records.append(rec)
                     out.write(json.dumps(rec) + "\n")
                     out.flush()
@@ -105,10 +112,18 @@ def main(argv=None) -> int:
     bar.close()
     wanted = {(p, c.sample_id, q.index) for c in convs for p in protocols for q in [q for q in c.qa if q.category in categories][: a.max_questions]}
     records = [r for r in records if (r["protocol"], r["sample_id"], r["qa_index"]) in wanted]
+    complete = len(records) == len(wanted)
+    if not complete:  # compare protocols on the same questions: those every protocol has answered
+        answered = [{(r["sample_id"], r["qa_index"]) for r in records if r["protocol"] == p} for p in protocols]
+        common = set.intersection(*answered)
+        records = [r for r in records if (r["sample_id"], r["qa_index"]) in common]
+        print(f"\npartial run ({len(common)} questions answered under every protocol; rerun the command to resume)")
     summary = {
+        "command": " ".join(["python scripts/eval_locomo.py", *(sys.argv[1:] if argv is None else argv)]),
         "data": a.data, "adapter": note, "sampling": "greedy" if a.greedy else "official (temperature 0.4, top-p 0.9, top-k 10)",
         "conversations": [c.sample_id for c in convs], "categories": sorted(categories), "max_questions": a.max_questions,
-        "seconds": time.perf_counter() - t0,
+        "seconds": before + time.perf_counter() - t0, "complete": complete,
+        "conversations_answered": sorted({r["sample_id"] for r in records}),
         "protocols": {p: summarize([r for r in records if r["protocol"] == p]) for p in protocols},
     }  # fmt: skip
     print(f"\nLoCoMo F1 (official metric), adapter {note}, {summary['sampling']}")

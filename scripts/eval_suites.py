@@ -89,7 +89,9 @@ def main(argv=None) -> int:
         records += run_facts(model, tok, [int(x) for x in a.facts.split(",")], a.episodes, log=log, relations=relations)
     if a.updates:
         records += run_updates(model, tok, a.updates, log=log, relations=relations)
-    summary = {"adapter": adapter, "relations": list(relations) or "all", "seconds": time.perf_counter() - t0, **summarize_suites(records)}
+    command = " ".join(["python scripts/eval_suites.py", *(sys.argv[1:] if argv is None else argv)])
+    summary = {"command": command, "adapter": adapter, "relations": list(relations) or "all", "seconds": time.perf_counter() - t0,
+               **summarize_suites(records)}  # fmt: skip
     summary["plots"] = plot(summary, Path(a.plots))
     print(json.dumps({k: v for k, v in summary.items() if k != "plots"}, indent=1))
     if a.json:

@@ -40,7 +40,10 @@ def locomo_section(path: Path, plots: Path) -> list[str]:
     s = json.loads(path.read_text())
     protos = s["protocols"]
     lines = ["### LoCoMo", "", f"From `{path}`: conversations {', '.join(s['conversations'])}, categories {s['categories']}, "
-             f"max questions per conversation {s['max_questions']}, {s['sampling']}, adapter `{_rel(s['adapter'])}`, {s['seconds'] / 60:.0f} min.", "",
+             f"max questions per conversation {s['max_questions']}, {s['sampling']}, adapter `{_rel(s['adapter'])}`, {s['seconds'] / 60:.0f} min."
+             + (f" Command: `{s['command']}`." if "command" in s else "")
+             + ("" if s.get("complete", True) else f" **Partial run** (it resumes when rerun): the questions every protocol has answered so far, "
+                f"from {', '.join(s['conversations_answered'])}."), "",
              "| protocol | " + " | ".join(CATEGORIES) + " | F1 (1–4) | questions | ÷ frozen |", "|---|" + "---:|" * (len(CATEGORIES) + 3)]  # fmt: skip
     frozen = protos.get("frozen", {}).get("f1")
     control = protos.get("no_history", {}).get("f1")
@@ -77,7 +80,9 @@ def suites_section(path: Path) -> list[str]:
     if not path.is_file():
         return ["### Recall suites", "", f"Not yet run (`python scripts/eval_suites.py --json {path}`).", ""]
     s = json.loads(path.read_text())
-    lines = ["### Recall suites", "", f"From `{path}` (adapter `{_rel(s['adapter'])}`, {s['seconds'] / 60:.0f} min).", ""]
+    lines = ["### Recall suites", "", f"From `{path}` (adapter `{_rel(s['adapter'])}`, relation kinds of the facts and updates suites: "
+             f"{', '.join(s['relations']) if isinstance(s.get('relations'), list) else 'all'}, {s['seconds'] / 60:.0f} min)."
+             + (f" Command: `{s['command']}`." if "command" in s else ""), ""]  # fmt: skip
     pk = s.get("passkey")
     if pk:
         lines += [f"Passkey (memory-only): accuracy {pk['accuracy']:.2f}, empty-memory control {pk['control_accuracy']:.2f}.", "",

@@ -127,5 +127,9 @@ def test_run_yields_scored_records_and_resumes(data_file, tokenizer):
             assert {"protocol", "sample_id", "category", "question", "answer", "prediction", "f1"} <= r.keys()
             assert r["protocol"] == protocol and r["sample_id"] == "conv-x" and 0.0 <= r["f1"] <= 1.0
     assert list(runner.run(conv, "frozen", conv.qa, done={0, 1, 2, 3})) == []
+    # a time limit is asked before the prefix and before each batch: whole batches only
+    asked = iter([False, False, True])
+    assert [r["qa_index"] for r in runner.run(conv, "no_history", conv.qa, stop=lambda: next(asked))] == [0, 1]
+    assert list(runner.run(conv, "no_history", conv.qa, stop=lambda: True)) == []
     with pytest.raises(ValueError, match="unknown protocol"):
         list(runner.run(conv, "bogus", conv.qa))

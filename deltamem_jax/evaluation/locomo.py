@@ -272,13 +272,17 @@ class LoCoMoRunner:
         st = prefill(self.model, tokens, positions, valid, cache, mem, WriteControl(WriteMode.READ_ONLY))
         return self._decode_texts(st, False, key)
 
-    def run(self, conv: Conversation, protocol: str, questions: Sequence[QA], done: set[int] = frozenset()) -> Iterator[dict]:
-        """Yields one scored record per question not in `done` (question indices)."""
+    def run(self, conv: Conversation, protocol: str, questions: Sequence[QA], done: set[int] = frozenset(),
+            stop: Callable[[], bool] = lambda: False) -> Iterator[dict]:  # fmt: skip
+        """Yields one scored record per question not in `done` (question indices); `stop()`
+        is asked before each batch (a time limit: whole batches only, so nothing is lost)."""
         todo = [q for q in questions if q.index not in done]
-        if not todo:
+        if not todo or stop():
             return
         snapshot = self.prefix(conv, protocol)
         for start in range(0, len(todo), self.batch):
+            if stop():
+                return
             chunk = todo[start : start + self.batch]
             replies = self.answer(snapshot, protocol, chunk, step=chunk[0].index)
             for q, reply in zip(chunk, replies):
