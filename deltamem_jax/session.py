@@ -71,7 +71,7 @@ class Session:
         self.sampling, self.prefill_segment = sampling, prefill_segment
         self.log = log or (lambda s: None)
         self.adapter_note = adapter_note
-        self.fingerprint = _fingerprint(model)
+        self.fingerprint = model_fingerprint(model)
         self.reset()
 
     @classmethod
@@ -325,7 +325,7 @@ def write_control(config: DeltaMemConfig, valid: jax.Array, message_id: int | ja
     return WriteControl(WriteMode.TOKENS)
 
 
-def _fingerprint(model: Decoder) -> dict[str, str]:
+def model_fingerprint(model: Decoder) -> dict[str, str]:
     """Identifies the backbone (config + a sample of weights) and the adapter (all of it)."""
     import dataclasses
 
@@ -338,4 +338,4 @@ def _fingerprint(model: Decoder) -> dict[str, str]:
     return {"model": f"{model.cfg.family}-{model.cfg.num_layers}x{model.cfg.hidden_size}-{h.hexdigest()[:16]}", "adapter": a.hexdigest()}
 
 
-__all__ = ["Mode", "Session", "memory_only_turn", "write_control"]
+__all__ = ["Mode", "Session", "memory_only_turn", "model_fingerprint", "write_control"]

@@ -66,6 +66,18 @@ def load_model(a):
     return model, tok, note
 
 
+def check_resumable(records: list[dict], fingerprint: dict[str, str], path: Path) -> None:
+    """Refuses to mix answers of another backbone, or of another adapter where the protocol
+    uses the memory (`frozen` and `no_history` answers do not depend on the adapter, so they
+    carry over to a new adapter)."""
+    for r in records:
+        if r.get("model", fingerprint["model"]) != fingerprint["model"]:
+            raise SystemExit(f"error: {path} holds answers of another backbone ({r['model']}, this one is {fingerprint['model']}); use another --results file")
+        if r["protocol"] not in ("frozen", "no_history") and r.get("adapter", fingerprint["adapter"]) != fingerprint["adapter"]:
+            raise SystemExit(f"error: {path} holds {r['protocol']} answers of another adapter (sha256 {r['adapter'][:12]}…, this one is "
+                             f"{fingerprint['adapter'][:12]}…); use another --results file, keeping only its frozen and no_history lines")  # fmt: skip
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     from tqdm.auto import tqdm
@@ -73,6 +85,7 @@ def main(argv=None) -> int:
     from deltamem_jax.decoding import Sampling
     from deltamem_jax.evaluation.locomo import OFFICIAL_SAMPLING, PROTOCOLS, LoCoMoRunner, load_conversations
     from deltamem_jax.evaluation.locomo_metric import CATEGORY_NAMES, summarize
+    from deltamem_jax.session import model_fingerprint
 
     protocols = PROTOCOLS if a.protocol == "all" else tuple(a.protocol.split(","))
     unknown = [p for p in protocols if p not in PROTOCOLS]
@@ -86,6 +99,8 @@ def main(argv=None) -> int:
     results = Path(a.results)
     results.parent.mkdir(parents=True, exist_ok=True)
     records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.is_file() else []
+    fingerprint = model_fingerprint(model)
+    check_resumable(records, fingerprint, results)
     done = {(r["protocol"], r["sample_id"], r["qa_index"]) for r in records}
     t0 = time.perf_counter()
     before = max((r.get("run_seconds", 0.0) for r in records), default=0.0)
@@ -105,6 +120,7 @@ def main(argv=None) -> int:
                 bar.set_description(f"{conv.sample_id} {protocol}")
                 for rec in runner.run(conv, protocol, questions, skip, stop=out_of_time):
                     rec["run_seconds"] = before + time.perf_counter() - t0  # wall time of the whole run so far, resumes included
+                    rec["model"], rec["adapter"] = fingerprint["model"], fingerprint["adapter"]
                     records.append(rec)
                     out.write(json.dumps(rec) + "\n")
                     out.flush()

@@ -133,3 +133,20 @@ def test_run_yields_scored_records_and_resumes(data_file, tokenizer):
     assert list(runner.run(conv, "no_history", conv.qa, stop=lambda: True)) == []
     with pytest.raises(ValueError, match="unknown protocol"):
         list(runner.run(conv, "bogus", conv.qa))
+
+
+def test_resume_refuses_answers_of_another_adapter_or_backbone(tmp_path):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    check = importlib.import_module("eval_locomo").check_resumable
+    ours = {"model": "llama-m1", "adapter": "a1" * 32}
+    other_adapter = {"model": "llama-m1", "adapter": "b2" * 32}
+    check([{"protocol": p, **ours} for p in ("frozen", "official", "memory_only")], ours, tmp_path)
+    check([{"protocol": p, **other_adapter} for p in ("frozen", "no_history")], ours, tmp_path)  # these never read the memory
+    with pytest.raises(SystemExit, match="memory_only answers of another adapter"):
+        check([{"protocol": "memory_only", **other_adapter}], ours, tmp_path)
+    with pytest.raises(SystemExit, match="another backbone"):
+        check([{"protocol": "frozen", "model": "llama-m2", "adapter": ours["adapter"]}], ours, tmp_path)

@@ -31,7 +31,7 @@ from flax import nnx
 
 from deltamem_jax.adapter import attach, load_adapter, memory_of, save_adapter
 from deltamem_jax.config import DeltaMemConfig
-from deltamem_jax.session import _fingerprint
+from deltamem_jax.session import model_fingerprint
 from deltamem_jax.training.batches import PROTOCOLS, Layout, Renderer
 from deltamem_jax.training.data import EpisodeConfig, episodes
 from deltamem_jax.training.plain import load_or_build, transcripts
@@ -176,7 +176,7 @@ def train(
             raise ValueError(f"{init_adapter} has another δ-mem config than this run's")
     else:
         attach(model, config.memory, seed=config.seed)
-    expect = {"backbone": _fingerprint(model)["model"], "config": config.to_json()}
+    expect = {"backbone": model_fingerprint(model)["model"], "config": config.to_json()}
     B = config.batch_size
 
     def render(split: str, seed: int, first: int, count: int):
