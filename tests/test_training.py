@@ -248,3 +248,38 @@ def test_training_with_the_plain_kl_builds_its_corpus_once(tokenizer, tmp_path):
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3]
     assert all(r["plain_kl"] > 0 for r in recs if "loss" in r) and "plain_kl" in recs[-1]["eval"]
+
+
+def test_context_term_reads_the_episode_as_the_context_memory_evaluation_does(tokenizer):
+    """Train what we serve: the context rows are the `context_memory` evaluation's prompt
+    (`Renderer.context_ids`, which `RecallEvaluator` uses) + answer + stop; the term equals
+    each episode run alone with a fresh memory written token by token; and it trains."""
+    model = dm.attach(tiny_model(), dm.DeltaMemConfig(online_gain=1.0))
+    eps = data.episodes(2, "train", 0, 2, SMALL_EPISODES)
+    renderer = Renderer(tokenizer, LAYOUT)
+    batch = renderer.batch(eps, "session", context=True)
+    assert renderer.batch(eps, "session").context is None
+    graphdef, params, frozen = split_model(model)
+    ces = []
+    for i, e in enumerate(eps):
+        messages = [{"role": "system", "content": renderer.system_prompt}] + [{"role": "user", "content": t} for t in (*e.turns, e.question)]
+        prompt, answer = tokenizer.encode_chat(messages), tokenizer.encode(e.answer) + [renderer.stop_id]
+        row = batch.context.tokens[i][batch.context.valid[i]].tolist()
+        assert row == prompt + answer and batch.context.tokens[i][batch.context_index[i, : len(answer)] + 1].tolist() == answer
+        seq = jnp.asarray([prompt + answer])
+        n = seq.shape[1]
+        logits, _, _ = model(seq, jnp.arange(n)[None], jnp.ones((1, n), bool), models.KVCache.create(TINY, 1, n),
+                             MemoryState.zeros(TINY.num_layers, 1, dm.memory_of(model).config), dm.WriteControl(dm.WriteMode.TOKENS))  # fmt: skip
+        logp = jax.nn.log_softmax(logits[0, len(prompt) - 1 : n - 1])
+        ces += [-float(logp[j, t]) for j, t in enumerate(answer)]
+    batch = jax.tree.map(jnp.asarray, batch)
+    base, _ = episode_loss(params, frozen, graphdef, batch, remat=False)
+    loss, aux = episode_loss(params, frozen, graphdef, batch, remat=False, context_weight=2.0)
+    assert float(aux["context_ce"]) == pytest.approx(np.mean(ces), rel=1e-4)
+    assert float(loss) == pytest.approx(float(base + 2.0 * aux["context_ce"]), rel=1e-5)
+    tx = make_optimizer(OptimConfig(steps=8, learning_rate=1e-2, warmup=0.0))
+    step = make_train_step(graphdef, tx, remat=False, context_weight=1.0)
+    o, first = tx.init(params), float(aux["context_ce"])
+    for _ in range(8):
+        params, o, m = step(params, o, frozen, batch)
+    assert float(m["context_ce"]) < first - 0.1

@@ -91,12 +91,7 @@ class RecallEvaluator:
     def answers(self, eps: Sequence[Episode], conditions: Sequence[str] = CONDITIONS) -> dict[str, list[str]]:
         r = self.renderer
         ask = [r.system_ids + r.question_ids(e.question) for e in eps]
-        full = [
-            self.tok.encode_chat([{"role": "system", "content": r.system_prompt}]
-                                 + [{"role": "user", "content": t} for t in e.turns]
-                                 + [{"role": "user", "content": e.question}])
-            for e in eps
-        ]  # fmt: skip
+        full = [r.context_ids(e) for e in eps]  # history and question in one context, as training's context term reads it
         out = {}
         if {"memory_only", "mismatched_memory"} & set(conditions):
             memory = self._write(self._state, jax.tree.map(jnp.asarray, r.batch(eps, "session")))

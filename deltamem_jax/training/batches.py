@@ -9,6 +9,11 @@ token, the targets of the loss.
 `official` protocol (spec §5): the whole history rendered as one chat (system + user
 turns) is written in one pass; the read pass is the same as above.
 
+With `context=True` a batch also carries each episode as a context+memory conversation
+runs it (the evaluation's `context_memory` condition): system + history turns + question
+as one chat, then the answer and the stop token, all in the context and written into a
+fresh memory token by token; its answer positions are `context_index`.
+
 All shapes are fixed by a `Layout`, so one compilation serves a whole run; padding
 (left, as in `decoding.left_pad`) neither attends nor writes.
 """
@@ -38,6 +43,7 @@ class Layout:
     history_len: int = 512  # tokens of the whole rendered history (official protocol)
     read_len: int = 64  # system + question + answer + stop token
     answer_len: int = 16  # answer tokens + stop token (the positions that get logits)
+    context_len: int = 256  # system + history + question + answer + stop, in one context (context=True)
 
 
 @struct.dataclass
@@ -60,6 +66,8 @@ class Batch:
     target_mask: np.ndarray  # [b, a] bool
     value_mask: np.ndarray  # [b, a] bool: targets that spell the told value (the recalled content)
     plain: Segment | None = None  # [b, p]: a chat transcript for the KL term (`plain.transcripts`), or none
+    context: Segment | None = None  # [b, c]: the whole episode in one context, written as read (context=True)
+    context_index: np.ndarray | None = None  # [b, a] int32: context positions whose next token is a target
 
     def tokens(self) -> int:
         """Real (unpadded) tokens the step processes: every turn re-reads the system segment."""
@@ -68,8 +76,8 @@ class Batch:
             written = int(self.turns.valid.sum()) + turns * int(self.system.valid[0].sum())
         else:
             written = int(self.history.valid.sum())
-        plain = 0 if self.plain is None else int(self.plain.valid.sum())
-        return written + int(self.read.valid.sum()) + plain
+        extra = sum(int(x.valid.sum()) for x in (self.plain, self.context) if x is not None)
+        return written + int(self.read.valid.sum()) + extra
 
 
 def _segment(ids: Sequence[Sequence[int]], length: int, offset: np.ndarray | int = 0, what: str = "segment") -> Segment:
@@ -117,7 +125,12 @@ class Renderer:
         messages = [{"role": "system", "content": self.system_prompt}] + [{"role": "user", "content": t} for t in ep.turns]
         return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=False))
 
-    def batch(self, eps: Sequence[Episode], protocol: str = "session") -> Batch:
+    def context_ids(self, ep: Episode) -> list[int]:
+        """System + history + question as one chat, as the `context_memory` evaluation reads it."""
+        messages = [{"role": "system", "content": self.system_prompt}] + [{"role": "user", "content": t} for t in (*ep.turns, ep.question)]
+        return self.tokenizer.encode_chat(messages)
+
+    def batch(self, eps: Sequence[Episode], protocol: str = "session", context: bool = False) -> Batch:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         L, b = self.layout, len(eps)
@@ -133,6 +146,7 @@ class Renderer:
             history = _segment([self.history_ids(e) for e in eps], L.history_len, what="history")
         reads, index, targets = [], np.zeros((b, L.answer_len), np.int32), np.zeros((b, L.answer_len), np.int32)
         mask, value_mask = np.zeros((b, L.answer_len), bool), np.zeros((b, L.answer_len), bool)
+        contexts, context_index = [], np.zeros((b, L.answer_len), np.int32)
         for i, e in enumerate(eps):
             prompt = self.system_ids + self.question_ids(e.question)
             answer = self.tokenizer.encode(e.answer)
@@ -140,14 +154,25 @@ class Renderer:
             answer = answer + [self.stop_id]
             if len(answer) > L.answer_len:
                 raise ValueError(f"answer of {len(answer)} tokens (stop included) exceeds Layout.answer_len={L.answer_len}")
-            seq = prompt + answer
-            reads.append(seq)
-            start = L.read_len - len(seq) + len(prompt) - 1  # left padding: the position predicting answer[0]
-            index[i, : len(answer)] = np.arange(start, start + len(answer))
+            reads.append(prompt + answer)
+            index[i, : len(answer)] = _answer_positions(L.read_len, len(prompt), len(answer))
             targets[i, : len(answer)] = answer
             mask[i, : len(answer)] = True
+            if context:
+                prompt = self.context_ids(e)
+                contexts.append(prompt + answer)
+                context_index[i, : len(answer)] = _answer_positions(L.context_len, len(prompt), len(answer))
         read = _segment(reads, L.read_len, what="question and answer")
-        return Batch(system, turns, history, read, index, targets, mask, value_mask)
+        batch = Batch(system, turns, history, read, index, targets, mask, value_mask)
+        if context:
+            batch = batch.replace(context=_segment(contexts, L.context_len, what="episode in context"), context_index=context_index)
+        return batch
+
+
+def _answer_positions(length: int, prompt: int, answer: int) -> np.ndarray:
+    """Positions (in a left-padded sequence of `length`) whose next token is an answer token."""
+    start = length - (prompt + answer) + prompt - 1  # the position predicting answer[0]
+    return np.arange(start, start + answer)
 
 
 __all__ = ["Batch", "Layout", "PROTOCOLS", "Renderer", "Segment"]

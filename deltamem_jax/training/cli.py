@@ -40,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plain-weight", type=float, default=0.0,
                    help="weight of the KL to the frozen backbone on plain chat transcripts run in context and written into memory (0 = off)")
     p.add_argument("--plain-len", type=int, default=256, help="tokens of each plain transcript (one per episode)")
+    p.add_argument("--context-weight", type=float, default=0.0,
+                   help="weight of the answer loss with the whole episode in the context and written into memory (context+memory mode; 0 = off)")
     p.add_argument("--no-remat", action="store_true", help="keep activations instead of recomputing each layer")
     p.add_argument("--checkpoint-every", type=int, default=25)
     p.add_argument("--keep", type=int, default=3)
@@ -87,7 +89,7 @@ def config_from_args(a, num_layers: int) -> "TrainConfig":
         memory=DeltaMemConfig(rank=a.rank, num_state_heads=a.sub_states, write_granularity=a.granularity, branches=tuple(a.branches.split(",")),
                               update_mode=a.update_mode, target_layers=target_layers(a.layers, num_layers)),
         remat=not a.no_remat, checkpoint_every=a.checkpoint_every, keep=a.keep, eval_every=a.eval_every, eval_episodes=a.eval_episodes, value_weight=a.value_weight,
-        beta_weight=a.beta_weight, plain_weight=a.plain_weight, plain_len=a.plain_len,
+        beta_weight=a.beta_weight, plain_weight=a.plain_weight, plain_len=a.plain_len, context_weight=a.context_weight,
     )  # fmt: skip
 
 

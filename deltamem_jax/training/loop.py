@@ -60,6 +60,7 @@ class TrainConfig:
     beta_weight: float = BETA_WEIGHT  # weight of the write-gate regularizer (official: 0.01)
     plain_weight: float = 0.0  # weight of the plain-text KL to the frozen backbone (`plain.py`); 0 = off
     plain_len: int = 256  # tokens of each plain transcript (one per episode row)
+    context_weight: float = 0.0  # weight of the answer loss with the episode in context+memory mode (`step.context_ce`); 0 = off
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
@@ -181,7 +182,7 @@ def train(
 
     def render(split: str, seed: int, first: int, count: int):
         """Episodes [first, first+count) rendered (with their plain transcripts when the KL term is on)."""
-        batch = renderer.batch(episodes(seed, split, first, count, config.episodes), config.protocol)
+        batch = renderer.batch(episodes(seed, split, first, count, config.episodes), config.protocol, context=config.context_weight > 0)
         return batch if corpus is None else batch.replace(plain=transcripts(corpus, seed, first, count, config.plain_len))
 
     def batch_of(split: str, seed: int, first: int, rows: int):
@@ -191,7 +192,8 @@ def train(
         return process_batch(lambda start, count: render(split, seed, first + start, count), rows, mesh)
 
     tx = make_optimizer(config.optim)
-    step_options = dict(remat=config.remat, value_weight=config.value_weight, beta_weight=config.beta_weight, plain_weight=config.plain_weight)
+    step_options = dict(remat=config.remat, value_weight=config.value_weight, beta_weight=config.beta_weight, plain_weight=config.plain_weight,
+                        context_weight=config.context_weight)  # fmt: skip
     if mesh is None:
         graphdef, params, frozen = split_model(model)
         opt_state = tx.init(params)
@@ -238,7 +240,8 @@ def train(
                 log.write(json.dumps({"step": step, "eval": probe}) + "\n")
                 bar.write(f"step {step}: held-out CE, answer / value tokens: matched {probe['matched']:.3f} / {probe['value_matched']:.3f}"
                           f" | other {probe['other']:.3f} / {probe['value_other']:.3f} | empty {probe['empty']:.3f} / {probe['value_empty']:.3f}"
-                          + (f" | plain KL {probe['plain_kl']:.4f}" if "plain_kl" in probe else ""))
+                          + (f" | plain KL {probe['plain_kl']:.4f}" if "plain_kl" in probe else "")
+                          + (f" | context+memory {probe['context']:.3f} / {probe['value_context']:.3f}" if "context" in probe else ""))
             log.flush()
             timed_out = time_limit is not None and time.perf_counter() - t_start > time_limit
             if step % config.checkpoint_every == 0 or step == end or timed_out:
@@ -270,8 +273,8 @@ def train(
 
 
 def plot_curves(metrics: Path, png: Path) -> None:
-    """Training loss (and its running mean), the plain-text KL when trained with it, and the
-    held-out recall probes, per step."""
+    """Training loss (and its running mean), the plain-text KL and context+memory terms when
+    trained with them, and the held-out recall probes, per step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -289,12 +292,16 @@ def plot_curves(metrics: Path, png: Path) -> None:
         ax[0].plot(steps[k - 1 :], np.convolve(loss, np.ones(k) / k, "valid"), label=f"running mean ({k})")
         if all("plain_kl" in r for r in train):  # the run trained with the plain-text KL term
             ax[0].plot(steps, [r["plain_kl"] for r in train], label="plain-text KL to the frozen model (batch)")
+        if all("context_ce" in r for r in train):  # and with the context+memory term
+            ax[0].plot(steps, [r["context_ce"] for r in train], alpha=0.5, label="answer CE in context+memory mode (batch)")
         ax[0].legend()
     ax[0].set(xlabel="micro-step", ylabel="nats per token", title="training")
     if evals:
         steps = [r["step"] for r in evals]
         for key in ("matched", "other", "empty"):
             ax[1].plot(steps, [r["eval"][key] for r in evals], marker="o", label=f"{key} memory")
+        if all("context" in r["eval"] for r in evals):
+            ax[1].plot(steps, [r["eval"]["context"] for r in evals], marker="s", label="context+memory")
         ax[1].legend()
     ax[1].set(xlabel="micro-step", ylabel="held-out answer CE", title="recall probe (matched vs another episode's memory)")
     fig.tight_layout()

@@ -88,6 +88,20 @@ def answer_ce(model: Decoder, batch: Batch, memory: MemoryState | None, remat: b
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch.targets)
 
 
+def context_ce(model: Decoder, batch: Batch, remat: bool) -> jax.Array:
+    """The episode run as a context+memory conversation runs it: system + history +
+    question + answer in one context, every token written into a fresh memory as it is
+    read. The cross-entropy of every answer target, [b, a] (padding included; mask it)."""
+    c = batch.context
+    b, t = c.tokens.shape
+    config = memory_of(model).config
+    cache = KVCache.create(model.cfg, b, t)
+    hidden, _, _ = model(c.tokens, c.positions, c.valid, cache, MemoryState.zeros(model.cfg.num_layers, b, config),
+                         write_control(config, c.valid), attend_cache=False, head=False, remat=remat)  # fmt: skip
+    picked = jnp.take_along_axis(hidden, batch.context_index[..., None], axis=1)  # [b, a, d]
+    return optax.softmax_cross_entropy_with_integer_labels(model.logits(picked), batch.targets)
+
+
 def target_weights(batch: Batch, value_weight: float) -> jax.Array:
     """[b, a] loss weights: 1 per answer token, `value_weight` per token of the told value.
 
@@ -136,9 +150,10 @@ def plain_kl(model: Decoder, plain: Segment, remat: bool) -> jax.Array:
 
 
 def episode_loss(params: nnx.State, frozen: nnx.State, graphdef, batch: Batch, remat: bool = True, value_weight: float = 1.0,
-                 beta_weight: float = BETA_WEIGHT, plain_weight: float = 0.0):  # fmt: skip
+                 beta_weight: float = BETA_WEIGHT, plain_weight: float = 0.0, context_weight: float = 0.0):  # fmt: skip
     """Weighted mean answer cross-entropy per token + the β regularizer (both protocols)
-    + `plain_weight` × the plain-text KL when the batch carries transcripts."""
+    + `plain_weight` × the plain-text KL when the batch carries transcripts
+    + `context_weight` × the same answer loss in context+memory mode when it carries contexts."""
     model = nnx.merge(graphdef, params, frozen)
     b = batch.read.tokens.shape[0]
     memory = MemoryState.zeros(model.cfg.num_layers, b, memory_of(model).config, gate_stats=True)
@@ -152,11 +167,16 @@ def episode_loss(params: nnx.State, frozen: nnx.State, graphdef, batch: Batch, r
     if batch.plain is not None and plain_weight > 0:
         aux["plain_kl"] = plain_kl(model, batch.plain, remat)
         loss = loss + plain_weight * aux["plain_kl"]
+    if batch.context is not None and context_weight > 0:
+        tokens = context_ce(model, batch, remat)
+        aux["context_ce"] = _mean(tokens, batch.target_mask.astype(jnp.float32))
+        aux["context_value_ce"] = _mean(tokens, (batch.target_mask & batch.value_mask).astype(jnp.float32))
+        loss = loss + context_weight * _mean(tokens, target_weights(batch, value_weight))
     return loss + penalty, aux
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, remat: bool = True, value_weight: float = 1.0, beta_weight: float = BETA_WEIGHT,
-                    plain_weight: float = 0.0):  # fmt: skip
+                    plain_weight: float = 0.0, context_weight: float = 0.0):  # fmt: skip
     """`step(params, opt_state, frozen, batch) -> (params, opt_state, metrics)`, jitted once.
 
     Gradients are taken with respect to `params` (the memory) only; `frozen` is an
@@ -165,7 +185,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, remat: bool = Tr
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, frozen, batch):
-        (loss, aux), grads = jax.value_and_grad(episode_loss, has_aux=True)(params, frozen, graphdef, batch, remat, value_weight, beta_weight, plain_weight)
+        (loss, aux), grads = jax.value_and_grad(episode_loss, has_aux=True)(params, frozen, graphdef, batch, remat, value_weight, beta_weight,
+                                                                            plain_weight, context_weight)  # fmt: skip
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
@@ -188,7 +209,8 @@ def make_recall_probe(graphdef):
     """Jitted held-out answer CE with three memories: the episode's own ("matched"),
     another episode's (the batch rolled by one: "other") and none ("empty", the frozen
     model); `value_<name>` is the same over the told value's tokens only. Only matched −
-    other is recall; other − empty is format learned from any state."""
+    other is recall; other − empty is format learned from any state. With contexts in the
+    batch, "context" is the answer CE in context+memory mode."""
 
     @jax.jit
     def probe(params, frozen, batch):
@@ -203,6 +225,9 @@ def make_recall_probe(graphdef):
             out[name], out[f"value_{name}"] = _mean(tokens, answer), _mean(tokens, value)
         if batch.plain is not None:
             out["plain_kl"] = plain_kl(model, batch.plain, False)
+        if batch.context is not None:
+            tokens = context_ce(model, batch, False)
+            out["context"], out["value_context"] = _mean(tokens, answer), _mean(tokens, value)
         return out
 
     return probe
