@@ -40,6 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plain-weight", type=float, default=0.0,
                    help="weight of the KL to the frozen backbone on plain chat transcripts run in context and written into memory (0 = off)")
     p.add_argument("--plain-len", type=int, default=256, help="tokens of each plain transcript (one per episode)")
+    p.add_argument("--context-len", type=int, default=256, help="padded tokens of an episode in one context (the --context-weight term)")
     p.add_argument("--context-weight", type=float, default=0.0,
                    help="weight of the answer loss with the whole episode in the context and written into memory (context+memory mode; 0 = off)")
     p.add_argument("--no-remat", action="store_true", help="keep activations instead of recomputing each layer")
@@ -85,7 +86,7 @@ def config_from_args(a, num_layers: int) -> "TrainConfig":
     return TrainConfig(
         protocol=a.protocol, batch_size=a.batch_size, seed=a.seed,
         optim=OptimConfig(learning_rate=a.lr, steps=a.steps, warmup=a.warmup, weight_decay=a.weight_decay, clip=a.clip, accumulate=a.accumulate),
-        episodes=episodes, layout=Layout(max_turns=episodes.max_turns, turn_len=a.turn_len),
+        episodes=episodes, layout=Layout(max_turns=episodes.max_turns, turn_len=a.turn_len, context_len=a.context_len),
         memory=DeltaMemConfig(rank=a.rank, num_state_heads=a.sub_states, write_granularity=a.granularity, branches=tuple(a.branches.split(",")),
                               update_mode=a.update_mode, target_layers=target_layers(a.layers, num_layers)),
         remat=not a.no_remat, checkpoint_every=a.checkpoint_every, keep=a.keep, eval_every=a.eval_every, eval_episodes=a.eval_episodes, value_weight=a.value_weight,
