@@ -83,9 +83,14 @@ def answer_ce(model: Decoder, batch: Batch, memory: MemoryState | None, remat: b
     cache = KVCache.create(model.cfg, r.tokens.shape[0], r.tokens.shape[1])
     hidden, _, _ = model(r.tokens, r.positions, r.valid, cache, memory, WriteControl(WriteMode.READ_ONLY),
                          attend_cache=False, head=False, remat=remat)  # fmt: skip
-    picked = jnp.take_along_axis(hidden, batch.target_index[..., None], axis=1)  # [b, a, d]
-    logits = model.logits(picked)  # [b, a, v]
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch.targets)
+    return _target_ce(model, hidden, batch.target_index, batch.targets)
+
+
+def _target_ce(model: Decoder, hidden: jax.Array, index: jax.Array, targets: jax.Array) -> jax.Array:
+    """Cross-entropy [b, a] of `targets` predicted at positions `index` of `hidden` [b, t, d]:
+    vocabulary logits only where a target is."""
+    picked = jnp.take_along_axis(hidden, index[..., None], axis=1)  # [b, a, d]
+    return optax.softmax_cross_entropy_with_integer_labels(model.logits(picked), targets)
 
 
 def context_ce(model: Decoder, batch: Batch, remat: bool) -> jax.Array:
@@ -98,8 +103,7 @@ def context_ce(model: Decoder, batch: Batch, remat: bool) -> jax.Array:
     cache = KVCache.create(model.cfg, b, t)
     hidden, _, _ = model(c.tokens, c.positions, c.valid, cache, MemoryState.zeros(model.cfg.num_layers, b, config),
                          write_control(config, c.valid), attend_cache=False, head=False, remat=remat)  # fmt: skip
-    picked = jnp.take_along_axis(hidden, batch.context_index[..., None], axis=1)  # [b, a, d]
-    return optax.softmax_cross_entropy_with_integer_labels(model.logits(picked), batch.targets)
+    return _target_ce(model, hidden, batch.context_index, batch.targets)
 
 
 def target_weights(batch: Batch, value_weight: float) -> jax.Array:
