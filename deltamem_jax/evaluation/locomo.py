@@ -14,8 +14,9 @@ Protocols (`PROTOCOLS`), all on one model with δ-mem attached:
   no_history     memory_only's question with no history and no memory (its control)
 
 Each conversation's prefix (context and memory) is built once and every question starts
-from that snapshot: the cache and the memory are copied to a batch of questions, which are
-prefilled after the prefix and decoded together.
+from that snapshot: a batch of questions attends to one shared copy of the prefix's KV
+cache (`SharedPrefix`; each row caches only its own question and reply), starts from a
+copy of the prefix's memory, and is prefilled after the prefix and decoded together.
 
 The prompts follow the official LoCoMo evaluation (snap-research/locomo,
 task_eval/evaluate_llama2.py): `CONV_START` + per session "DATE: …\\nCONVERSATION:\\n" and
@@ -32,6 +33,7 @@ import random
 import re
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +44,7 @@ from deltamem_jax.decoding import DecodeState, Sampling, bucket, left_pad, prefi
 from deltamem_jax.evaluation.locomo_metric import score
 from deltamem_jax.session import DEFAULT_SYSTEM, Session, memory_only_turn, write_control
 from deltamem_jax.state import MemoryState, WriteControl, WriteMode
-from models.decoder import KVCache
+from models.decoder import KVCache, SharedPrefix
 
 DEFAULT_DATA = Path("../shared/data/locomo/locomo10.json")  # relative to the repository root, as the project keeps it
 PROTOCOLS = ("frozen", "official", "memory_only", "window_memory", "no_history")
@@ -153,11 +155,14 @@ def window_split(conv: Conversation, tokenizer, budget: int) -> tuple[str, list[
     return start + "".join(session_text(d, ls) for d, ls in kept), dropped
 
 
-def _tile(state: DecodeState, b: int) -> tuple[KVCache, MemoryState | None]:
-    c = state.cache
-    cache = KVCache(k=jnp.repeat(c.k, b, axis=1), v=jnp.repeat(c.v, b, axis=1), valid=jnp.repeat(c.valid, b, axis=0), end=c.end)
-    memory = None if state.memory is None else MemoryState(S=jnp.repeat(state.memory.S, b, axis=1))
-    return cache, memory
+class Snapshot(NamedTuple):
+    """Where a conversation's questions start: a prefilled context (shared by every row;
+    None without context), the RoPE position after it, and the memory (one row; None when
+    the protocol runs the frozen backbone)."""
+
+    context: SharedPrefix | None
+    position: int
+    memory: MemoryState | None
 
 
 class LoCoMoRunner:
@@ -194,16 +199,17 @@ class LoCoMoRunner:
 
     # -- prefixes -------------------------------------------------------------------
 
-    def _prefill_ids(self, ids: list[int], memory: MemoryState | None, write: bool, room: int) -> DecodeState:
+    def _prefill_context(self, ids: list[int], memory: MemoryState | None, write: bool) -> Snapshot:
         length = prompt_length(len(ids))
         tokens, positions, valid = left_pad([ids], length)
-        cache = KVCache.create(self.model.cfg, 1, length + room)
+        cache = KVCache.create(self.model.cfg, 1, length)
         control = write_control(self.config, valid) if write else WriteControl(WriteMode.READ_ONLY)
 
         def progress(done: int, total: int) -> None:
             self.log(f"prefill {done}/{total} tokens")
 
-        return prefill(self.model, tokens, positions, valid, cache, memory, control, progress=progress if length > 2048 else None)
+        st = prefill(self.model, tokens, positions, valid, cache, memory, control, progress=progress if length > 2048 else None)
+        return Snapshot(SharedPrefix.of(st.cache), int(st.positions[0]), st.memory)
 
     def _remember(self, pieces: Sequence[str], memory: MemoryState | None = None) -> MemoryState:
         """Writes `pieces` into a memory exactly as a memory-only `Session.remember` would."""
@@ -215,8 +221,8 @@ class LoCoMoRunner:
             self.log(f"remembered session {i + 1}/{len(pieces)}")
         return s.memory
 
-    def prefix(self, conv: Conversation, protocol: str) -> tuple[DecodeState | None, MemoryState | None]:
-        """The snapshot questions start from: (context state or None, memory or None)."""
+    def prefix(self, conv: Conversation, protocol: str) -> Snapshot:
+        """The snapshot this conversation's questions start from."""
         zero = MemoryState.zeros(self.model.cfg.num_layers, 1, self.config)
         room = self.question_room(conv)
         overhead = len(self._chat_prefix("")) + room
@@ -224,15 +230,15 @@ class LoCoMoRunner:
             text, dropped = window_split(conv, self.tok, self.context - overhead - 16)
             ids = self._chat_prefix(text)
             if protocol == "frozen":
-                return self._prefill_ids(ids, None, False, room), None
+                return self._prefill_context(ids, None, False)
             memory = zero
             if protocol == "window_memory" and dropped:
                 memory = self._remember([session_text(d, ls) for d, ls in dropped])
-            return self._prefill_ids(ids, memory, True, room), None
+            return self._prefill_context(ids, memory, True)
         if protocol == "memory_only":
-            return None, self._remember([session_text(d, ls) for d, ls in conv.sessions])
+            return Snapshot(None, 0, self._remember([session_text(d, ls) for d, ls in conv.sessions]))
         if protocol == "no_history":
-            return None, None
+            return Snapshot(None, 0, None)
         raise ValueError(f"unknown protocol {protocol!r}; known: {PROTOCOLS}")
 
     # -- questions ------------------------------------------------------------------
@@ -245,20 +251,21 @@ class LoCoMoRunner:
         out = np.concatenate(list(pieces), axis=1)
         return [self.tok.decode([int(t) for t in row if t >= 0]).strip() for row in out]
 
-    def answer(self, snapshot: tuple[DecodeState | None, MemoryState | None], protocol: str, questions: Sequence[QA], step: int = 0) -> list[str]:
+    def answer(self, snapshot: Snapshot, protocol: str, questions: Sequence[QA], step: int = 0) -> list[str]:
         """Replies to `questions` from the protocol's snapshot (one batch)."""
-        state, memory = snapshot
         texts = [question_text(q, self.seed)[0] for q in questions]
         key = jax.random.PRNGKey(self.seed * 100003 + step)
         b = len(questions)
-        if state is not None:  # the question continues the prefix's user turn
+        memory = snapshot.memory
+        if snapshot.context is not None:  # the question continues the prefix's user turn
             ids = [self._chat_suffix(t) for t in texts]
             length = bucket(max(len(i) for i in ids))
-            cache, mem = _tile(state, b)
-            if int(cache.end) + length + self.max_new_tokens > cache.max_len:
+            if snapshot.position + length + self.max_new_tokens > self.context:
                 raise ValueError(f"questions of {length} padded tokens do not fit after the prefix; raise question_room")
+            cache = KVCache.create(self.model.cfg, b, length + bucket(self.max_new_tokens), prefix=snapshot.context)
+            mem = None if memory is None else MemoryState(S=jnp.repeat(memory.S, b, axis=1))
             tokens, positions, valid = left_pad(ids, length)
-            positions = positions + state.positions[0]
+            positions = positions + snapshot.position
             write = protocol != "frozen"
             control = write_control(self.config, valid, 1) if write else WriteControl(WriteMode.READ_ONLY)
             st = prefill(self.model, tokens, positions, valid, cache, mem, control)
@@ -295,5 +302,5 @@ class LoCoMoRunner:
                 }  # fmt: skip
 
 
-__all__ = ["CONV_START", "Conversation", "DEFAULT_DATA", "LoCoMoRunner", "NO_INFO", "OFFICIAL_SAMPLING", "PROTOCOLS", "QA",
+__all__ = ["CONV_START", "Conversation", "DEFAULT_DATA", "LoCoMoRunner", "NO_INFO", "OFFICIAL_SAMPLING", "PROTOCOLS", "QA", "Snapshot",
            "load_conversations", "question_text", "resolve_option", "session_text", "window_split"]  # fmt: skip
