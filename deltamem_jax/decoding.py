@@ -218,7 +218,7 @@ def _decode(graphdef, params, buffers, state: DecodeState, prefix, stop_ids, ste
 
     if per_layer:
         state = state.replace(cache=state.cache.unstack())
-        prefix = None if prefix is None else prefix.replace(k=tuple(prefix.k), v=tuple(prefix.v))
+        prefix = None if prefix is None else prefix.unstack()
     state, (tokens, live) = jax.lax.scan(step, state, None, length=steps)
     if per_layer:
         state = state.replace(cache=state.cache.stack())
