@@ -15,7 +15,7 @@ from flax import nnx
 import deltamem_jax as dm
 import models
 from deltamem_jax.decoding import left_pad, prefill, prompt_length
-from deltamem_jax.evaluation.locomo import NO_INFO, LoCoMoRunner, load_conversations, question_text, resolve_option, window_split
+from deltamem_jax.evaluation.locomo import NO_INFO, SYSTEM, LoCoMoRunner, load_conversations, question_text, resolve_option, window_split
 from deltamem_jax.session import write_control
 from deltamem_jax.state import MemoryState, WriteControl, WriteMode
 from models.config import ModelConfig
@@ -112,8 +112,12 @@ def test_snapshot_answers_equal_whole_prompt_answers(data_file, tokenizer, proto
     budget = TINY.max_position_embeddings - len(runner._chat_prefix("")) - runner.question_room(conv) - 16
     prefix_ids = runner._chat_prefix(window_split(conv, tokenizer, budget)[0])
     write = protocol == "official"
+    text = window_split(conv, tokenizer, budget)[0]
     for q, reply in zip(conv.qa, replies):
-        ids = prefix_ids + runner._chat_suffix(question_text(q)[0])
+        # the whole prompt rendered at once: the runner's prefix/suffix split must not change its tokens
+        chat = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text + "\n\n" + question_text(q)[0]}]
+        ids = tokenizer.encode(tokenizer.apply_chat_template(chat, add_generation_prompt=True))
+        assert ids == prefix_ids + runner._chat_suffix(question_text(q)[0])
         memory = MemoryState.zeros(TINY.num_layers, 1, dm.memory_of(model).config) if write else None
         tokens, positions, valid = left_pad([ids], prompt_length(len(ids)))
         control = write_control(runner.config, valid) if write else WriteControl(WriteMode.READ_ONLY)
@@ -127,14 +131,16 @@ def test_run_yields_scored_records_and_resumes(data_file, tokenizer):
     runner = LoCoMoRunner(tiny_model(), tokenizer, batch=2, max_new_tokens=4)
     for protocol in ("memory_only", "window_memory", "no_history"):
         recs = list(runner.run(conv, protocol, conv.qa, done={0}))
-        assert [r["qa_index"] for r in recs] == [1, 2, 3]
+        assert sorted(r["qa_index"] for r in recs) == [1, 2, 3]
         for r in recs:
             assert {"protocol", "sample_id", "category", "question", "answer", "prediction", "f1"} <= r.keys()
             assert r["protocol"] == protocol and r["sample_id"] == "conv-x" and 0.0 <= r["f1"] <= 1.0
     assert list(runner.run(conv, "frozen", conv.qa, done={0, 1, 2, 3})) == []
     # a time limit is asked before the prefix and before each batch: whole batches only
     asked = iter([False, False, True])
-    assert [r["qa_index"] for r in runner.run(conv, "no_history", conv.qa, stop=lambda: next(asked))] == [0, 1]
+    first = [r["qa_index"] for r in runner.run(conv, "no_history", conv.qa, stop=lambda: next(asked))]
+    shortest = sorted(conv.qa, key=lambda q: (len(question_text(q)[0]), q.index))  # batched shortest first
+    assert first == [q.index for q in shortest[:2]]
     assert list(runner.run(conv, "no_history", conv.qa, stop=lambda: True)) == []
     with pytest.raises(ValueError, match="unknown protocol"):
         list(runner.run(conv, "bogus", conv.qa))

@@ -54,9 +54,12 @@ SYSTEM = ("You are a helpful, respectful and honest assistant whose job is to un
           "share false information.")  # fmt: skip
 CONV_START = ("Below is a conversation between two people: {} and {}. The conversation takes place over multiple days "
               "and the date of each conversation is wriiten at the beginning of the conversation.\n\n")  # fmt: skip (sic)
-QA_PROMPT = ("\nBased on the above conversations, write a short answer for the following question in a few words. "
-             "Do not write complete and lengthy sentences. Answer with exact words from the conversations whenever "
-             "possible.\n\nQuestion: {}\n")  # fmt: skip
+# The official question prompt. Its head is the same for every question, so the context
+# protocols put it in the shared prefix (prefilled once per conversation, not per row).
+QA_HEAD = ("\nBased on the above conversations, write a short answer for the following question in a few words. "
+           "Do not write complete and lengthy sentences. Answer with exact words from the conversations whenever "
+           "possible.\n\nQuestion:")  # fmt: skip
+QA_PROMPT = QA_HEAD + " {}\n"
 NO_INFO = "No information available"
 OFFICIAL_SAMPLING = Sampling(temperature=0.4, top_k=10, top_p=0.9)
 MAX_NEW_TOKENS = 50  # the official ANS_TOKENS_PER_QUES
@@ -180,17 +183,21 @@ class LoCoMoRunner:
     # -- rendering ------------------------------------------------------------------
 
     def _chat_prefix(self, conversation_text: str) -> list[int]:
-        """The chat up to (and including) the conversation; the question follows in the same user turn."""
+        """The chat up to (and including) the conversation and the question prompt's common
+        head; the rest of the question (`_chat_suffix`) follows in the same user turn."""
         marker = "\x00QUESTION\x00"
         full = self.tok.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": conversation_text + "\n\n" + marker}],
                                             add_generation_prompt=True)  # fmt: skip
-        return self.tok.encode(full[: full.index(marker)])
+        return self.tok.encode(full[: full.index(marker)] + QA_HEAD)
 
     def _chat_suffix(self, question: str) -> list[int]:
+        """The end of the chat after `_chat_prefix`, for a `question_text` (which starts with QA_HEAD)."""
+        if not question.startswith(QA_HEAD):
+            raise ValueError("a question after a conversation prefix must be a question_text (starting with QA_HEAD)")
         marker = "\x00QUESTION\x00"
         full = self.tok.apply_chat_template([{"role": "system", "content": SYSTEM}, {"role": "user", "content": marker + question}],
                                             add_generation_prompt=True)  # fmt: skip
-        return self.tok.encode(full[full.index(marker) + len(marker) :])
+        return self.tok.encode(full[full.index(marker) + len(marker) + len(QA_HEAD) :])
 
     def question_room(self, conv: Conversation) -> int:
         """Cache slots a batch of this conversation's questions needs after the prefix."""
@@ -282,8 +289,9 @@ class LoCoMoRunner:
     def run(self, conv: Conversation, protocol: str, questions: Sequence[QA], done: set[int] = frozenset(),
             stop: Callable[[], bool] = lambda: False) -> Iterator[dict]:  # fmt: skip
         """Yields one scored record per question not in `done` (question indices); `stop()`
-        is asked before each batch (a time limit: whole batches only, so nothing is lost)."""
-        todo = [q for q in questions if q.index not in done]
+        is asked before each batch (a time limit: whole batches only, so nothing is lost).
+        Questions are batched shortest first, so a batch's padded length fits its rows."""
+        todo = sorted((q for q in questions if q.index not in done), key=lambda q: (len(question_text(q, self.seed)[0]), q.index))
         if not todo or stop():
             return
         snapshot = self.prefix(conv, protocol)

@@ -193,7 +193,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, remat: bool = Tr
                                                                             plain_weight, context_weight)  # fmt: skip
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
 
     return step
 
