@@ -8,6 +8,7 @@ in `delta_mem_adapter.safetensors` (ours and the fixtures) or `delta_mem_adapter
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -118,6 +119,22 @@ def read_adapter_tensors(folder: Path) -> dict[str, np.ndarray]:
         sd = torch.load(folder / TORCH_FILE, map_location="cpu", weights_only=True)
         return {k: v.detach().float().numpy() for k, v in sd.items()}
     raise FileNotFoundError(f"no {SAFETENSORS_FILE} or {TORCH_FILE} in {folder}")
+
+
+def adapter_identity(folder: str | Path) -> dict[str, str]:
+    """What names an adapter in a result file: its folder, the sha256 of its weights file,
+    and, for one trained here, the training command and steps (`training_metadata.json`).
+    A folder path alone does not say which weights were there when a result was measured."""
+    folder = Path(folder)
+    weights = next((folder / f for f in (SAFETENSORS_FILE, TORCH_FILE) if (folder / f).is_file()), None)
+    if weights is None:
+        raise FileNotFoundError(f"no {SAFETENSORS_FILE} or {TORCH_FILE} in {folder}")
+    out = {"path": str(folder), "sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    meta = folder / "training_metadata.json"
+    if meta.is_file():
+        m = json.loads(meta.read_text())
+        out.update(command=str(m.get("command", "")), steps=str(m.get("optimizer_updates", "")))
+    return out
 
 
 def load_adapter(model: Decoder, folder: str | Path) -> DeltaMemConfig:

@@ -47,7 +47,7 @@ def parse_args(argv=None):
 def load_model(a):
     import dataclasses
 
-    from deltamem_jax.adapter import attach, load_adapter, memory_of
+    from deltamem_jax.adapter import adapter_identity, attach, load_adapter, memory_of
     from deltamem_jax.cli import load_backbone
     from deltamem_jax.config import DeltaMemConfig
     from deltamem_jax.session import DEFAULT_ADAPTER
@@ -56,14 +56,14 @@ def load_model(a):
     adapter = a.adapter or (DEFAULT_ADAPTER if (DEFAULT_ADAPTER / "delta_mem_config.json").is_file() else None)
     if adapter is None:
         attach(model, DeltaMemConfig())
-        note = "untrained adapter"
+        note, identity = "untrained adapter", None
     else:
         load_adapter(model, adapter)
-        note = str(adapter)
+        note, identity = str(adapter), adapter_identity(adapter)
     if a.write_mode:
         mem = memory_of(model)
         mem.config = dataclasses.replace(mem.config, write_granularity=a.write_mode)
-    return model, tok, note
+    return model, tok, note, identity
 
 
 def check_resumable(records: list[dict], fingerprint: dict[str, str], path: Path) -> None:
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         return 2
     categories = {int(c) for c in a.categories.split(",")}
     convs = load_conversations(a.data)[: a.conversations]
-    model, tok, note = load_model(a)
+    model, tok, note, identity = load_model(a)
     sampling = Sampling() if a.greedy else OFFICIAL_SAMPLING
     results = Path(a.results)
     results.parent.mkdir(parents=True, exist_ok=True)
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
         print(f"\npartial run ({len(common)} questions answered under every protocol; rerun the command to resume)")
     summary = {
         "command": " ".join(["python scripts/eval_locomo.py", *(sys.argv[1:] if argv is None else argv)]),
-        "data": a.data, "adapter": note, "sampling": "greedy" if a.greedy else "official (temperature 0.4, top-p 0.9, top-k 10)",
+        "data": a.data, "adapter": note, "adapter_identity": identity, "sampling": "greedy" if a.greedy else "official (temperature 0.4, top-p 0.9, top-k 10)",
         "conversations": [c.sample_id for c in convs], "categories": sorted(categories), "max_questions": a.max_questions,
         "seconds": before + time.perf_counter() - t0, "complete": complete,
         "conversations_answered": sorted({r["sample_id"] for r in records}),

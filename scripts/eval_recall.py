@@ -22,7 +22,7 @@ import time
 import jax.numpy as jnp
 
 from deltamem_jax import distributed
-from deltamem_jax.adapter import load_adapter
+from deltamem_jax.adapter import adapter_identity, load_adapter
 from deltamem_jax.cli import load_backbone
 from deltamem_jax.evaluation.recall import CONDITIONS, RecallEvaluator, correct, perplexity, plain_text_chunks, summarize, token_f1
 from deltamem_jax.session import DEFAULT_ADAPTER
@@ -82,7 +82,7 @@ def main() -> int:
     summary.update(
         perplexity_ratio=ppl_mem / ppl_frozen, perplexity={"frozen": ppl_frozen, "deltamem_context_memory": ppl_mem, "text": source,
                                                              "chunks": a.ppl_chunks, "tokens_per_chunk": a.ppl_length},
-        adapter=a.adapter, episodes=n, seed=a.seed, relations=list(relations) or "all", max_facts=max_facts, seconds=time.perf_counter() - t0,
+        adapter=a.adapter, adapter_identity=adapter_identity(a.adapter), episodes=n, seed=a.seed, relations=list(relations) or "all", max_facts=max_facts, seconds=time.perf_counter() - t0,
     )  # fmt: skip
     if not main_process:
         return 0

@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     p.add_argument("--plots", default="docs/plots", help="folder for the PNG plots")
     a = p.parse_args(argv)
 
-    from deltamem_jax.adapter import load_adapter
+    from deltamem_jax.adapter import adapter_identity, load_adapter
     from deltamem_jax.cli import load_backbone
     from deltamem_jax.evaluation.suites import run_facts, run_passkey, run_updates, summarize_suites
     from deltamem_jax.session import DEFAULT_ADAPTER
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     if a.updates:
         records += run_updates(model, tok, a.updates, log=log, relations=relations)
     command = " ".join(["python scripts/eval_suites.py", *(sys.argv[1:] if argv is None else argv)])
-    summary = {"command": command, "adapter": adapter, "relations": list(relations) or "all", "seconds": time.perf_counter() - t0,
+    summary = {"command": command, "adapter": adapter, "adapter_identity": adapter_identity(adapter), "relations": list(relations) or "all", "seconds": time.perf_counter() - t0,
                **summarize_suites(records)}  # fmt: skip
     summary["plots"] = plot(summary, Path(a.plots))
     print(json.dumps({k: v for k, v in summary.items() if k != "plots"}, indent=1))

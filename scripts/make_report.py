@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -30,6 +31,23 @@ def _rel(path: str) -> str:
     return str(p.relative_to(root)) if p.is_absolute() and p.is_relative_to(root) else path
 
 
+def _adapter(s: dict) -> str:
+    """The adapter a result was measured with: its folder, and whether its weights are the
+    ones shipped now (a result file names the folder; the weights there change between stages)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from deltamem_jax.adapter import adapter_identity
+    from deltamem_jax.session import DEFAULT_ADAPTER
+
+    ident = s.get("adapter_identity")
+    if not ident:
+        return f"adapter `{_rel(s['adapter'])}` (its weights are not recorded in this file: possibly an earlier default)"
+    shipped = adapter_identity(DEFAULT_ADAPTER)["sha256"] if (DEFAULT_ADAPTER / "delta_mem_config.json").is_file() else None
+    run = re.search(r"--out (\S+)", ident.get("command", ""))
+    trained = f", trained {ident['steps']} steps as `{run.group(1)}`" if run else ""
+    which = "the adapter shipped now" if ident["sha256"] == shipped else "not the adapter shipped now"
+    return f"adapter `{_rel(ident['path'])}` (weights sha256 {ident['sha256'][:12]}…, {which}{trained})"
+
+
 def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.2f}"
 
@@ -40,7 +58,7 @@ def locomo_section(path: Path, plots: Path) -> list[str]:
     protos = s["protocols"]
     plot = f"{path.stem}_categories.png"
     lines = [f"From `{path}`: conversations {', '.join(s['conversations'])}, categories {s['categories']}, "
-             f"max questions per conversation {s['max_questions']}, {s['sampling']}, adapter `{_rel(s['adapter'])}`, {s['seconds'] / 60:.0f} min."
+             f"max questions per conversation {s['max_questions']}, {s['sampling']}, {_adapter(s)}, {s['seconds'] / 60:.0f} min."
              + (f" Command: `{s['command']}`." if "command" in s else "")
              + ("" if s.get("complete", True) else f" **Partial run** (it resumes when rerun): the questions every protocol has answered so far, "
                 f"from {', '.join(s['conversations_answered'])}."), "",
@@ -80,7 +98,7 @@ def suites_section(path: Path) -> list[str]:
     if not path.is_file():
         return ["### Recall suites", "", f"Not yet run (`python scripts/eval_suites.py --json {path}`).", ""]
     s = json.loads(path.read_text())
-    lines = ["### Recall suites", "", f"From `{path}` (adapter `{_rel(s['adapter'])}`, relation kinds of the facts and updates suites: "
+    lines = ["### Recall suites", "", f"From `{path}` ({_adapter(s)}, relation kinds of the facts and updates suites: "
              f"{', '.join(s['relations']) if isinstance(s.get('relations'), list) else 'all'}, {s['seconds'] / 60:.0f} min)."
              + (f" Command: `{s['command']}`." if "command" in s else ""), ""]  # fmt: skip
     pk = s.get("passkey")

@@ -37,3 +37,14 @@ def test_report_block(tmp_path):
     assert "| official | – | – | – | 12.00 | – | 12.00 | 4 | 1.20× |" in text
     assert "| memory_only | – | – | – | 3.00 | – | 3.00 | 4 | 1.50× |" in text  # ÷ its no-history control
     assert "Recall suites" in text and "Not yet run" in text
+    assert "adapter `a` (its weights are not recorded in this file" in text  # results without an adapter identity
+
+
+def test_report_says_whether_a_result_used_the_shipped_adapter(tmp_path):
+    from deltamem_jax.adapter import adapter_identity
+    from deltamem_jax.session import DEFAULT_ADAPTER
+
+    shipped = adapter_identity(DEFAULT_ADAPTER)
+    other = dict(shipped, sha256="0" * 64, path="runs/old/adapter")
+    assert make_report._adapter({"adapter": "x", "adapter_identity": shipped}).count("the adapter shipped now") == 1
+    assert "not the adapter shipped now" in make_report._adapter({"adapter": "x", "adapter_identity": other})
