@@ -12,6 +12,8 @@ where `memory`/`control` are opaque here (None for the plain backbone).
 
 from __future__ import annotations
 
+import functools
+
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -185,35 +187,62 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
 ATTENTION_BLOCK = 512  # prompts longer than this attend blockwise, in blocks of this size
 
 
-def _softmax_parts(parts) -> Array:
-    """Softmax over the key axis of several score blocks at once; each part is (scores
-    [..., s_i] float32, values(probs) → its output), the outputs summed."""
-    probs = jax.nn.softmax(jnp.concatenate([sc for sc, _ in parts], axis=-1), axis=-1)
-    out, at = None, 0
-    for sc, values in parts:
-        piece = values(probs[..., at : at + sc.shape[-1]])
-        out, at = piece if out is None else out + piece, at + sc.shape[-1]
-    return out
+def _part(blocks) -> tuple[Array, Array, Array]:
+    """One part of a softmax computed in parts: (max, sum of exp, exp-weighted values) over
+    the key axis of its score blocks, each (scores [..., s_i] float32, values(e) → its
+    weighted values). Blocks are concatenated: for a part's small blocks (a row's own
+    cache and new tokens) one pass over them is cheaper than a merge."""
+    scores = jnp.concatenate([sc for sc, _ in blocks], axis=-1) if len(blocks) > 1 else blocks[0][0]
+    m = jnp.max(scores, axis=-1)
+    e = jnp.exp(scores - m[..., None])
+    out, at = 0.0, 0
+    for sc, values in blocks:
+        out, at = out + values(e[..., at : at + sc.shape[-1]]), at + sc.shape[-1]
+    return m, jnp.sum(e, axis=-1), out
+
+
+def _merge(parts) -> Array:
+    """The softmax-weighted values over all parts (`_part`s, in one layout): each part is
+    rescaled to the common max, so a large part (a shared prefix) is never concatenated
+    with the others or copied."""
+    if len(parts) == 1:
+        _, total, out = parts[0]
+        return out / total[..., None]
+    m = functools.reduce(jnp.maximum, [pm for pm, _, _ in parts])
+    out = total = 0.0
+    for pm, pl, po in parts:
+        w = jnp.exp(pm - m)
+        total, out = total + w * pl, out + w[..., None] * po
+    return out / total[..., None]
+
+
+def _prefix_part(q: Array, prefix) -> tuple[Array, Array, Array]:
+    """The shared prefix's part for queries q [k, n, h] (every row's queries of a KV head
+    as one matrix, so each product is one matmul per KV head): m, l [k, n], o [k, n, h]."""
+    pk, pv, pvalid = prefix  # [k,p,h], [k,h,p], [p]
+    scores = jnp.einsum("knh,ksh->kns", q, pk, preferred_element_type=jnp.float32)
+    return _part([(jnp.where(pvalid, scores, _MASKED), lambda e: jnp.einsum("kns,khs->knh", e.astype(pv.dtype), pv, preferred_element_type=jnp.float32))])
 
 
 def _grouped_attention(qg: Array, k: Array, v: Array, valid: Array, cache) -> Array:
     """`dense_attention` with a separate `g` axis: faster for a decode step (t = 1) on CPU."""
-    t = qg.shape[1]
+    b, t, kvh, g, h = qg.shape
     causal = jnp.tril(jnp.ones((t, t), bool))
-    parts = []
+    parts, own = [], []  # parts: m, l [b,t,k,g], o [b,t,k,g,h]; own: this batch's own key blocks
     if cache is not None:
         ck, cv, cvalid, prefix = cache
         if prefix is not None:  # one copy for every row: no batch axis on its keys
-            pk, pv, pvalid = prefix
-            ps = jnp.einsum("btkgh,ksh->bkgts", qg, pk, preferred_element_type=jnp.float32)
-            parts.append((jnp.where(pvalid, ps, _MASKED), lambda p: jnp.einsum("bkgts,khs->btkgh", p.astype(pv.dtype), pv)))
+            m, l, o = _prefix_part(qg.transpose(2, 0, 1, 3, 4).reshape(kvh, b * t * g, h), prefix)
+            parts.append((m.reshape(kvh, b, t, g).transpose(1, 2, 0, 3), l.reshape(kvh, b, t, g).transpose(1, 2, 0, 3),
+                          o.reshape(kvh, b, t, g, h).transpose(1, 2, 0, 3, 4)))  # fmt: skip
         cs = jnp.einsum("btkgh,bksh->bkgts", qg, ck, preferred_element_type=jnp.float32)
         cs = jnp.where(cvalid[:, None, None, None, :], cs, _MASKED)
-        parts.append((cs, lambda p: jnp.einsum("bkgts,bkhs->btkgh", p.astype(cv.dtype), cv)))
+        own.append((cs, lambda e: jnp.einsum("bkgts,bkhs->btkgh", e.astype(cv.dtype), cv, preferred_element_type=jnp.float32)))
     scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = jnp.where(causal & valid[:, None, None, None, :], scores, _MASKED)
-    parts.append((scores, lambda p: jnp.einsum("bkgts,bskh->btkgh", p.astype(v.dtype), v)))
-    return _softmax_parts(parts)
+    own.append((scores, lambda e: jnp.einsum("bkgts,bskh->btkgh", e.astype(v.dtype), v, preferred_element_type=jnp.float32)))
+    m, l, o = _part(own)
+    return _merge([*parts, (m.transpose(0, 3, 1, 2), l.transpose(0, 3, 1, 2), o)]).astype(qg.dtype)
 
 
 def dense_attention(qg: Array, k: Array, v: Array, valid: Array, cache) -> Array:
@@ -225,27 +254,28 @@ def dense_attention(qg: Array, k: Array, v: Array, valid: Array, cache) -> Array
     pvalid [p]). → [b,t,k,g,h]
     The `g` query heads of a KV head are stacked into one `[g·t, h]` matrix, so both
     products are plain batched matmuls (2.5× faster for a 512-token prompt on CPU than a
-    separate `g` axis, which stays faster for a single decode token).
+    separate `g` axis, which stays faster for a single decode token). The softmax is
+    computed per part (prefix, cache, new tokens) and merged (`_merge`).
     """
     b, t, kvh, g, h = qg.shape
     if t == 1:
         return _grouped_attention(qg, k, v, valid, cache)
     q = qg.transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, h)
     causal = jnp.tile(jnp.tril(jnp.ones((t, t), bool)), (g, 1))  # [gt, t]
-    parts = []
+    parts, own = [], []  # parts: m, l [b,k,gt], o [b,k,gt,h]; own: this batch's own key blocks
     if cache is not None:
         ck, cv, cvalid, prefix = cache
         if prefix is not None:
-            pk, pv, pvalid = prefix
-            ps = jnp.einsum("bkqh,ksh->bkqs", q, pk, preferred_element_type=jnp.float32)
-            parts.append((jnp.where(pvalid, ps, _MASKED), lambda p: jnp.einsum("bkqs,khs->bkqh", p.astype(pv.dtype), pv)))
+            m, l, o = _prefix_part(q.transpose(1, 0, 2, 3).reshape(kvh, b * g * t, h), prefix)
+            parts.append((m.reshape(kvh, b, g * t).transpose(1, 0, 2), l.reshape(kvh, b, g * t).transpose(1, 0, 2),
+                          o.reshape(kvh, b, g * t, h).transpose(1, 0, 2, 3)))  # fmt: skip
         cs = jnp.einsum("bkqh,bksh->bkqs", q, ck, preferred_element_type=jnp.float32)
         cs = jnp.where(cvalid[:, None, None, :], cs, _MASKED)
-        parts.append((cs, lambda p: jnp.einsum("bkqs,bkhs->bkqh", p.astype(cv.dtype), cv)))
+        own.append((cs, lambda e: jnp.einsum("bkqs,bkhs->bkqh", e.astype(cv.dtype), cv, preferred_element_type=jnp.float32)))
     scores = jnp.einsum("bkqh,bskh->bkqs", q, k, preferred_element_type=jnp.float32)
     scores = jnp.where(causal & valid[:, None, None, :], scores, _MASKED)
-    parts.append((scores, lambda p: jnp.einsum("bkqs,bskh->bkqh", p.astype(v.dtype), v)))
-    out = _softmax_parts(parts)
+    own.append((scores, lambda e: jnp.einsum("bkqs,bskh->bkqh", e.astype(v.dtype), v, preferred_element_type=jnp.float32)))
+    out = _merge([*parts, _part(own)]).astype(qg.dtype)
     return out.reshape(b, kvh, g, t, h).transpose(0, 3, 1, 2, 4)
 
 
