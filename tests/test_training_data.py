@@ -6,7 +6,7 @@ import collections
 
 import pytest
 
-from deltamem_jax.evaluation.recall import CONDITIONS, correct, normalize, summarize, token_f1
+from deltamem_jax.evaluation.recall import CONDITIONS, correct, digits_in_place, normalize, summarize, token_f1
 from deltamem_jax.training import data
 
 
@@ -83,12 +83,25 @@ def test_recall_scoring():
     assert token_f1("Your car is a blue Toyota", "Your car is a blue Toyota.") == 1.0
     assert token_f1("nothing", "Your car") == 0.0
     assert 0 < token_f1("Your car is red", "Your car is a blue Toyota.") < 1
-    rec = {"relation": "car", "num_facts": 1, "turns_ago": 0, "updated": False, "never_said": False}
+    rec = {"relation": "car", "value": "a blue Toyota", "num_facts": 1, "turns_ago": 0, "updated": False, "never_said": False}
     records = [dict(rec, **{c: {"correct": c == "ceiling", "f1": 0.5} for c in CONDITIONS}),
                dict(rec, never_said=True, **{c: {"correct": True, "f1": 1.0} for c in CONDITIONS})]  # fmt: skip
     s = summarize(records)
     assert s["ceiling"] == 1.0 and s["floor"] == 0.0 and s["n_answerable"] == 1
     assert s["never_said"]["floor"]["accuracy"] == 1.0 and s["by_relation"]["car"]["n"] == 1
+    assert s["digits_in_place"] is None  # no numeric values
+
+
+def test_digits_in_place_scores_partial_recall_of_numbers():
+    assert digits_in_place("Your door code is 2472.", "2472") == 1.0
+    assert digits_in_place("Your door code is 5762.", "2472") == 0.25  # only the last 2 in its place
+    assert digits_in_place("Locker 56, then 536", "536") == 1 / 3  # the first number counts: its 5
+    assert digits_in_place("I don't know.", "2472") == 0.0
+    code = {"relation": "door_code", "value": "2472", "num_facts": 1, "turns_ago": 0, "updated": False, "never_said": False}
+    replies = {"memory_only": "It is 2472.", "mismatched_memory": "It is 9999."}
+    records = [dict(code, **{c: {"reply": replies.get(c, "no"), "correct": False, "f1": 0.0} for c in CONDITIONS})]
+    s = summarize(records)["digits_in_place"]
+    assert s["n"] == 1 and s["memory_only"] == 1.0 and s["mismatched_memory"] == 0.0 and s["floor"] == 0.0
 
 
 def test_relation_subset_for_a_curriculum():

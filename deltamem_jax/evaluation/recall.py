@@ -65,6 +65,14 @@ def correct(reply: str, ep: Episode) -> bool:
     return normalize(ep.value) in normalize(reply)
 
 
+def digits_in_place(reply: str, value: str) -> float:
+    """Fraction of a numeric value's digits that the reply's first number has in the same
+    places: the partial recall of a code that exact-match accuracy counts as wrong."""
+    got = re.search(r"\d+", reply)
+    got = got.group() if got else ""
+    return sum(a == b for a, b in zip(value, got)) / len(value)
+
+
 class RecallEvaluator:
     """Batched greedy answers of one model (δ-mem attached) in the five conditions."""
 
@@ -130,6 +138,8 @@ def summarize(records: list[dict], conditions: Sequence[str] = CONDITIONS) -> di
         return {k: stats(v) for k, v in sorted(groups.items(), key=lambda kv: (len(kv[0]), kv[0]))}
 
     overall = stats(answerable)
+    numeric = [r for r in answerable if str(r["value"]).isdigit()]
+    digits = {c: float(np.mean([digits_in_place(r[c]["reply"], str(r["value"])) for r in numeric])) for c in conditions} | {"n": len(numeric)}
     return {
         **{c: overall[c]["accuracy"] for c in conditions},
         "f1": {c: overall[c]["f1"] for c in conditions},
@@ -139,6 +149,7 @@ def summarize(records: list[dict], conditions: Sequence[str] = CONDITIONS) -> di
         "by_turns_ago": by("turns_ago", answerable),
         "updated": stats([r for r in answerable if r["updated"]]),
         "never_said": stats([r for r in records if r["never_said"]]),
+        "digits_in_place": digits if numeric else None,  # numeric values (codes, numbers) only
     }
 
 
