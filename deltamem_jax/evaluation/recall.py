@@ -139,7 +139,9 @@ def summarize(records: list[dict], conditions: Sequence[str] = CONDITIONS) -> di
 
     overall = stats(answerable)
     numeric = [r for r in answerable if str(r["value"]).isdigit()]
-    digits = {c: float(np.mean([digits_in_place(r[c]["reply"], str(r["value"])) for r in numeric])) for c in conditions} | {"n": len(numeric)}
+    digits = None
+    if numeric:
+        digits = {c: float(np.mean([digits_in_place(r[c]["reply"], str(r["value"])) for r in numeric])) for c in conditions} | {"n": len(numeric)}
     return {
         **{c: overall[c]["accuracy"] for c in conditions},
         "f1": {c: overall[c]["f1"] for c in conditions},
@@ -149,7 +151,7 @@ def summarize(records: list[dict], conditions: Sequence[str] = CONDITIONS) -> di
         "by_turns_ago": by("turns_ago", answerable),
         "updated": stats([r for r in answerable if r["updated"]]),
         "never_said": stats([r for r in records if r["never_said"]]),
-        "digits_in_place": digits if numeric else None,  # numeric values (codes, numbers) only
+        "digits_in_place": digits,  # numeric values (codes, numbers) only
     }
 
 
