@@ -19,6 +19,8 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package, when run as a script
+
 BEGIN, END = "<!-- report:begin -->", "<!-- report:end -->"
 CATEGORIES = ("multi-hop", "temporal", "open-domain", "single-hop", "adversarial")
 PAPER = "paper (δ-mem on Qwen3-4B): 1.20× over the frozen backbone in protocol (b); memory-only F1 6.89 → 9.62"
@@ -34,7 +36,6 @@ def _rel(path: str) -> str:
 def _adapter(s: dict) -> str:
     """The adapter a result was measured with: its folder, and whether its weights are the
     ones shipped now (a result file names the folder; the weights there change between stages)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from deltamem_jax.adapter import adapter_identity
     from deltamem_jax.session import DEFAULT_ADAPTER
 

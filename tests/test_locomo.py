@@ -110,9 +110,9 @@ def test_snapshot_answers_equal_whole_prompt_answers(data_file, tokenizer, proto
     snapshot = runner.prefix(conv, protocol)
     replies = runner.answer(snapshot, protocol, conv.qa)
     budget = TINY.max_position_embeddings - len(runner._chat_prefix("")) - runner.question_room(conv) - 16
-    prefix_ids = runner._chat_prefix(window_split(conv, tokenizer, budget)[0])
-    write = protocol == "official"
     text = window_split(conv, tokenizer, budget)[0]
+    prefix_ids = runner._chat_prefix(text)
+    write = protocol == "official"
     for q, reply in zip(conv.qa, replies):
         # the whole prompt rendered at once: the runner's prefix/suffix split must not change its tokens
         chat = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": text + "\n\n" + question_text(q)[0]}]

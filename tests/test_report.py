@@ -40,7 +40,7 @@ def test_report_block(tmp_path):
     assert "adapter `a` (its weights are not recorded in this file" in text  # results without an adapter identity
 
 
-def test_report_says_whether_a_result_used_the_shipped_adapter(tmp_path):
+def test_report_says_whether_a_result_used_the_shipped_adapter():
     from deltamem_jax.adapter import adapter_identity
     from deltamem_jax.session import DEFAULT_ADAPTER
 
