@@ -14,6 +14,7 @@ Usage: python scripts/make_report.py [--results docs/RESULTS.md] [--runs docs/ru
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -33,16 +34,22 @@ def _rel(path: str) -> str:
     return str(p.relative_to(root)) if p.is_absolute() and p.is_relative_to(root) else path
 
 
-def _adapter(s: dict) -> str:
-    """The adapter a result was measured with: its folder, and whether its weights are the
-    ones shipped now (a result file names the folder; the weights there change between stages)."""
+@functools.cache
+def _shipped_sha256() -> str | None:
+    """sha256 of the shipped adapter's weights (hashed once per report)."""
     from deltamem_jax.adapter import adapter_identity
     from deltamem_jax.session import DEFAULT_ADAPTER
 
+    return adapter_identity(DEFAULT_ADAPTER)["sha256"] if (DEFAULT_ADAPTER / "delta_mem_config.json").is_file() else None
+
+
+def _adapter(s: dict) -> str:
+    """The adapter a result was measured with: its folder, and whether its weights are the
+    ones shipped now (a result file names the folder; the weights there change between stages)."""
     ident = s.get("adapter_identity")
     if not ident:
         return f"adapter `{_rel(s['adapter'])}` (its weights are not recorded in this file: possibly an earlier default)"
-    shipped = adapter_identity(DEFAULT_ADAPTER)["sha256"] if (DEFAULT_ADAPTER / "delta_mem_config.json").is_file() else None
+    shipped = _shipped_sha256()
     run = re.search(r"--out (\S+)", ident.get("command", ""))
     trained = f", trained {ident['steps']} steps as `{run.group(1)}`" if run else ""
     which = "the adapter shipped now" if ident["sha256"] == shipped else "not the adapter shipped now"
