@@ -28,12 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-_DUMP = tempfile.mkdtemp(prefix="profile_decode_")
-# Set before JAX starts: per-thunk trace events, and the optimized HLO to name the ops by.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + f" --xla_cpu_enable_xprof_traceme=true --xla_dump_to={_DUMP} --xla_dump_hlo_module_re=.*_decode.*"
-).strip()
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 _DEF = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\S+) ([\w-]+)\((.*?)\)(.*)$")
@@ -91,6 +85,10 @@ def main() -> int:
     p.add_argument("--json", help="write the groups as JSON here")
     args = p.parse_args()
 
+    # Before JAX starts: per-thunk trace events, and the optimized HLO to name the ops by.
+    dump = tempfile.mkdtemp(prefix="profile_decode_")
+    flags = f"--xla_cpu_enable_xprof_traceme=true --xla_dump_to={dump} --xla_dump_hlo_module_re=.*_decode.*"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
     import jax
     import numpy as np
 
@@ -124,14 +122,14 @@ def main() -> int:
         jax.block_until_ready(decode(model, state, steps)[1])
         times.append((time.perf_counter() - t0) / steps)
     state = ready()
-    trace_dir = Path(_DUMP) / "trace"
+    trace_dir = Path(dump) / "trace"
     jax.profiler.start_trace(str(trace_dir))
     t0 = time.perf_counter()
     jax.block_until_ready(decode(model, state, steps)[1])
     profiled = (time.perf_counter() - t0) / steps
     jax.profiler.stop_trace()
 
-    hlo = max(Path(_DUMP).glob("*jit__decode*cpu_after_optimizations.txt"), key=lambda f: f.stat().st_size)
+    hlo = max(Path(dump).glob("*jit__decode*cpu_after_optimizations.txt"), key=lambda f: f.stat().st_size)
     ops, computations = hlo_ops(hlo.read_text())
     events = json.load(gzip.open(next(trace_dir.rglob("*.trace.json.gz"))))["traceEvents"]
     groups = collections.defaultdict(lambda: {"ms_per_step": 0.0, "ops_per_step": 0.0, "weight_bytes": 0})
