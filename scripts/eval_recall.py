@@ -103,6 +103,8 @@ def main() -> int:
     v = summary["digits_in_place"]
     if v:
         print(f"digits in place (numeric values, n={v['n']}): " + ", ".join(f"{c} {v[c]:.2f}" for c in CONDITIONS))
+        for k, f in v["by_num_facts"].items():
+            print(f"  {k} facts (n={f['n']}): " + ", ".join(f"{c} {f[c]:.2f}" for c in CONDITIONS))
     print(f"\nperplexity on {source}: frozen {ppl_frozen:.3f}, δ-mem context+memory {ppl_mem:.3f}, ratio {summary['perplexity_ratio']:.4f}")
     if a.json:
         with open(a.json, "w") as f:

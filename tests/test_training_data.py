@@ -100,8 +100,11 @@ def test_digits_in_place_scores_partial_recall_of_numbers():
     code = {"relation": "door_code", "value": "2472", "num_facts": 1, "turns_ago": 0, "updated": False, "never_said": False}
     replies = {"memory_only": "It is 2472.", "mismatched_memory": "It is 9999."}
     records = [dict(code, **{c: {"reply": replies.get(c, "no"), "correct": False, "f1": 0.0} for c in CONDITIONS})]
-    s = summarize(records)["digits_in_place"]
-    assert s["n"] == 1 and s["memory_only"] == 1.0 and s["mismatched_memory"] == 0.0 and s["floor"] == 0.0
+    three = dict(code, num_facts=3, **{c: {"reply": "It is 2400.", "correct": False, "f1": 0.0} for c in CONDITIONS})
+    s = summarize(records + [three])["digits_in_place"]
+    assert s["n"] == 2 and s["memory_only"] == 0.75 and s["mismatched_memory"] == 0.25 and s["floor"] == 0.25
+    one, three = s["by_num_facts"]["1"], s["by_num_facts"]["3"]
+    assert one["n"] == three["n"] == 1 and one["memory_only"] == 1.0 and one["mismatched_memory"] == 0.0 and three["memory_only"] == 0.5
 
 
 def test_relation_subset_for_a_curriculum():

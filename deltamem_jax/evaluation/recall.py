@@ -138,10 +138,16 @@ def summarize(records: list[dict], conditions: Sequence[str] = CONDITIONS) -> di
         return {k: stats(v) for k, v in sorted(groups.items(), key=lambda kv: (len(kv[0]), kv[0]))}
 
     overall = stats(answerable)
+    def digit_stats(rs):
+        return {c: float(np.mean([digits_in_place(r[c]["reply"], str(r["value"])) for r in rs])) for c in conditions} | {"n": len(rs)}
+
     numeric = [r for r in answerable if str(r["value"]).isdigit()]
     digits = None
-    if numeric:
-        digits = {c: float(np.mean([digits_in_place(r[c]["reply"], str(r["value"])) for r in numeric])) for c in conditions} | {"n": len(numeric)}
+    if numeric:  # how many facts share the memory decides how much of each number survives
+        facts = collections.defaultdict(list)
+        for r in numeric:
+            facts[str(r["num_facts"])].append(r)
+        digits = digit_stats(numeric) | {"by_num_facts": {k: digit_stats(v) for k, v in sorted(facts.items(), key=lambda kv: int(kv[0]))}}
     return {
         **{c: overall[c]["accuracy"] for c in conditions},
         "f1": {c: overall[c]["f1"] for c in conditions},
