@@ -131,23 +131,20 @@ def summarize(records: list[dict], conditions: Sequence[str] = CONDITIONS) -> di
         return {c: {"accuracy": float(np.mean([r[c]["correct"] for r in rs])), "f1": float(np.mean([r[c]["f1"] for r in rs]))}
                 for c in conditions} | {"n": len(rs)}  # fmt: skip
 
-    def by(key, rs):
-        groups = collections.defaultdict(list)
-        for r in rs:
-            groups[str(r[key])].append(r)
-        return {k: stats(v) for k, v in sorted(groups.items(), key=lambda kv: (len(kv[0]), kv[0]))}
-
-    overall = stats(answerable)
     def digit_stats(rs):
         return {c: float(np.mean([digits_in_place(r[c]["reply"], str(r["value"])) for r in rs])) for c in conditions} | {"n": len(rs)}
 
+    def by(key, rs, summary=stats):
+        groups = collections.defaultdict(list)
+        for r in rs:
+            groups[str(r[key])].append(r)
+        return {k: summary(v) for k, v in sorted(groups.items(), key=lambda kv: (len(kv[0]), kv[0]))}
+
+    overall = stats(answerable)
     numeric = [r for r in answerable if str(r["value"]).isdigit()]
     digits = None
     if numeric:  # how many facts share the memory decides how much of each number survives
-        facts = collections.defaultdict(list)
-        for r in numeric:
-            facts[str(r["num_facts"])].append(r)
-        digits = digit_stats(numeric) | {"by_num_facts": {k: digit_stats(v) for k, v in sorted(facts.items(), key=lambda kv: int(kv[0]))}}
+        digits = digit_stats(numeric) | {"by_num_facts": by("num_facts", numeric, digit_stats)}
     return {
         **{c: overall[c]["accuracy"] for c in conditions},
         "f1": {c: overall[c]["f1"] for c in conditions},
