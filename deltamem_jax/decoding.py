@@ -26,7 +26,7 @@ from flax import nnx, struct
 
 from deltamem_jax.forward import forward, keep_shardings, placed_shardings
 from deltamem_jax.state import MemoryState, WriteControl, WriteMode
-from models.decoder import Decoder, KVCache, split_layers
+from models.decoder import Decoder, KVCache, LayerBuffers, split_layers
 from models.sharding import gather
 
 
@@ -181,7 +181,7 @@ def scan_layers_default() -> bool:
 _LAYER_BUFFERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def layer_buffers(model: Decoder) -> list:
+def layer_buffers(model: Decoder) -> LayerBuffers:
     """`split_layers(model)`, cached per model until its parameters change (a new adapter)."""
     key = tuple(id(a) for a in jax.tree.leaves(nnx.state(model.layers)))
     hit = _LAYER_BUFFERS.get(model)

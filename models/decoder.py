@@ -13,9 +13,7 @@ where `memory`/`control` are opaque here (None for the plain backbone).
 from __future__ import annotations
 
 import functools
-
 import math
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -372,12 +370,23 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             self.q_norm = _param(rngs, (L, h), ("layers", "head_dim"), dt, fill=1.0)
             self.k_norm = _param(rngs, (L, h), ("layers", "head_dim"), dt, fill=1.0)
+        self.qkv_proj = nnx.data(None)  # set only in decode's per-layer buffers (`split_layers`)
 
     def project(self, x: Array) -> tuple[Array, Array, Array]:
-        """Raw projections: q [b,t,n,h], k, v [b,t,k,h] (before norms and RoPE)."""
-        q = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...])
-        k = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...])
-        v = jnp.einsum("btd,dkh->btkh", x, self.v_proj[...])
+        """Raw projections: q [b,t,n,h], k, v [b,t,k,h] (before norms and RoPE).
+
+        In decode's per-layer buffers the three weights are one `qkv_proj [d, n+2k, h]`
+        (`split_layers`): one matmul instead of three. XLA CPU runs a 576-wide matvec on
+        one thread and a 960-wide one on all of them (`scripts/profile_decode.py`).
+        """
+        if self.qkv_proj is not None:
+            n, kv = self.cfg.num_heads, self.cfg.num_kv_heads
+            z = jnp.einsum("btd,dnh->btnh", x, self.qkv_proj[...])
+            q, k, v = z[:, :, :n], z[:, :, n : n + kv], z[:, :, n + kv :]
+        else:
+            q = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...])
+            k = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...])
+            v = jnp.einsum("btd,dkh->btkh", x, self.v_proj[...])
         if self.cfg.qkv_bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         return q, k, v
@@ -493,7 +502,7 @@ class Decoder(nnx.Module):
         last_only: bool = False,  # logits of the last token only
         head: bool = True,  # False: return the final-normed hidden states [b, t, d], no logits
         remat: bool = False,  # recompute each layer in the backward pass (training memory)
-        layer_buffers: Sequence[Any] | None = None,  # `split_layers(self)`: loop instead of scan
+        layer_buffers: LayerBuffers | None = None,  # `split_layers(self)`: loop instead of scan
     ) -> tuple[Array, KVCache, Any]:
         """Returns logits [b, t, v] (or [b, 1, v]), the extended cache and the new memory.
 
@@ -501,8 +510,9 @@ class Decoder(nnx.Module):
         vocabulary, so a write pass that needs no logits never computes them. With
         `layer_buffers` (each layer's parameters as separate arrays) the layers run as an
         unrolled loop over those buffers instead of a scan over the stacked parameters:
-        the same layer function, but on XLA CPU a scan copies each layer's weight slice
-        out of the stack every step (see `decoding.scan_layers_default`).
+        the same layer function (q/k/v projected by one matmul), but on XLA CPU a scan
+        copies each layer's weight slice out of the stack every step (see
+        `decoding.scan_layers_default`).
         """
         x = self.embed[...][tokens]  # [b, t, d]
         graphdef, stacked = nnx.split(self.layers)
@@ -510,9 +520,9 @@ class Decoder(nnx.Module):
         prefix = cache.prefix
         cache_xs = (cache.k, cache.v, None if prefix is None else (prefix.k, prefix.v)) if attend_cache else None
 
-        def one_layer(x, xs):
+        def one_layer(x, xs, layer_graph=graphdef):
             state, kv_cache, mem = xs
-            layer = nnx.merge(graphdef, state)
+            layer = nnx.merge(layer_graph, state)
             c = kv_cache
             if kv_cache is not None and not isinstance(kv_cache, CacheSlots):
                 ck, cv, pkv = kv_cache
@@ -529,14 +539,14 @@ class Decoder(nnx.Module):
             cache = cache.append(k, v, valid)
         else:
             ks, vs, mems = [], [], []
-            for i, state in enumerate(layer_buffers):
+            for i, state in enumerate(layer_buffers.states):
                 pkv = None if prefix is None else (prefix.k[i], prefix.v[i])
                 if cache.per_layer:  # each layer attends, then writes its own cache in place
                     kv_cache = CacheSlots(cache.k[i], cache.v[i], cache.valid, cache.end, None if pkv is None else (*pkv, prefix.valid))
                 else:
                     kv_cache = None if cache_xs is None else (cache.k[i], cache.v[i], pkv)
                 mem = jax.tree.map(lambda a: a[i], memory)  # noqa: B023
-                x, ((k, v), mem) = one_layer(x, (state, kv_cache, mem))
+                x, ((k, v), mem) = one_layer(x, (state, kv_cache, mem), layer_buffers.graphdef)
                 ks.append(k), vs.append(v), mems.append(mem)
             memory = jax.tree.map(lambda *a: jnp.stack(a), *mems)
             if cache.per_layer:  # ks, vs are the layers' updated caches
@@ -555,8 +565,28 @@ class Decoder(nnx.Module):
         return jnp.einsum("...d,dv->...v", x, self.lm_head[...], preferred_element_type=jnp.float32)
 
 
-def split_layers(model: Decoder) -> list:
-    """Each layer's parameters and constants as separate arrays (a copy), for
-    `Decoder(..., layer_buffers=...)`. δ-mem parameters are included when attached."""
-    _, state = nnx.split(model.layers)
-    return [jax.tree.map(lambda a: a[i], state) for i in range(model.cfg.num_layers)]
+@struct.dataclass
+class LayerBuffers:
+    """Each layer's parameters and constants as separate arrays, for
+    `Decoder(..., layer_buffers=...)`: the layers' graph (one for all) and their states."""
+
+    graphdef: Any = struct.field(pytree_node=False)
+    states: tuple
+
+
+def split_layers(model: Decoder) -> LayerBuffers:
+    """A copy of every layer's parameters as separate arrays, its attention's q/k/v
+    weights fused into one `qkv_proj [d, n+2k, h]`. δ-mem parameters are included when
+    attached."""
+    graphdef, state = nnx.split(model.layers)
+    layer_graph, states = None, []
+    for i in range(model.cfg.num_layers):
+        layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))  # noqa: B023
+        for _, module in nnx.iter_modules(layer):
+            if isinstance(module, Attention):
+                fused = jnp.concatenate([module.q_proj[...], module.k_proj[...], module.v_proj[...]], axis=1)
+                module.qkv_proj = nnx.Param(fused)
+                del module.q_proj, module.k_proj, module.v_proj
+        layer_graph, layer_state = nnx.split(layer)
+        states.append(layer_state)
+    return LayerBuffers(graphdef=layer_graph, states=tuple(states))
