@@ -49,8 +49,9 @@ Methods (also written into the JSON):
   /proc and reported in cores ("other procs"); figures from windows above ~0.25 cores are
   disturbed (torch's OpenMP decode degrades by 10-50x under contention, JAX far less).
 * Roofline: the bandwidth a plain jitted `x @ W` reaches (W the 113 MB LM-head shape,
-  measured at the start and at the end of the run, the better of the two); a decode's fraction of it = steps/s × bytes one step must stream
-  (every weight once, the tied embedding as the LM head, plus the KV cache) ÷ bandwidth.
+  measured at the start and at the end of the run, the better of the two); a decode's
+  fraction of it = steps/s × bytes one step must stream (every weight once, the tied
+  embedding as the LM head, plus the KV cache) ÷ bandwidth.
 * Peak RSS per prefill: the process's peak resident memory (VmHWM, reset through
   /proc/self/clear_refs before each prefill), with the growth over the resident memory
   before it (+Δ); torch's covers its whole generate() call.
@@ -426,7 +427,7 @@ class JaxShapeBench:
             for start in range(0, self.t, PREFILL_SEGMENT):  # one forward per prefill segment
                 piece = slice(start, start + PREFILL_SEGMENT)
                 _forward.lower(g, p, self.tokens[:, piece], self.positions[:, piece], self.valid[:, piece], self.cache,
-                               self.memory[name], WriteControl(), start > 0, True,
+                               None, self.memory[name], WriteControl(), start > 0, True,
                                placed_shardings((self.cache, self.memory[name]))).compile()
         except Exception as e:  # noqa: BLE001
             self.rec[name]["prefill_compile_note"] = f"AOT compile failed ({type(e).__name__}: {e})"
