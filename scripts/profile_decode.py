@@ -53,6 +53,11 @@ def dims(shape: str) -> list[int]:
     return [int(x) for x in inner.group(1).split(",") if x] if inner else []
 
 
+def nbytes(shape: str) -> int:
+    """Bytes of an HLO array shape such as `f32[576,960]{1,0}`."""
+    return {"f32": 4, "bf16": 2, "f16": 2}.get(shape.split("[")[0], 4) * math.prod(dims(shape))
+
+
 def classify(name: str, ops: dict, computations: dict, vocab: int) -> tuple[str, int]:
     """(group, weight bytes read) of one op of the optimized decode program."""
     shape, opcode, operands, attrs = ops[name]
@@ -67,11 +72,11 @@ def classify(name: str, ops: dict, computations: dict, vocab: int) -> tuple[str,
     if opcode == "dot":
         if "batch_dims" in attrs:
             return "attention (batched dots, softmax)", 0
+        weight = ops[operands[1]][0]
         if dims(shape)[-1] == vocab:
-            w = ops[operands[1]][0]
-            return "LM head", 4 * math.prod(dims(w))
-        w = dims(ops[operands[1]][0])
-        return f"weights {w[0]}×{w[1]}" if len(w) == 2 else "weights", 4 * math.prod(w)
+            return "LM head", nbytes(weight)
+        w = dims(weight)
+        return f"weights {w[0]}×{w[1]}" if len(w) == 2 else "weights", nbytes(weight)
     return "other (norms, RoPE, cache writes, sampling, ...)", 0
 
 
