@@ -2,7 +2,7 @@
 
 from deltamem_jax import _xla_flags  # noqa: F401  (first: before JAX starts its CPU backend)
 
-from deltamem_jax.adapter import attach, detach, load_adapter, memory_of, save_adapter
+from deltamem_jax.adapter import attach, detach, load_adapter, memory_of, save_adapter, widen_rank
 from deltamem_jax.config import DeltaMemConfig, OutputInit, UpdateMode, WriteGranularity
 from deltamem_jax.delta_rule import WriteInputs, read, write_chunked, write_scan, write_step
 from deltamem_jax.forward import forward
@@ -29,6 +29,7 @@ __all__ = [
     "message_slots",
     "read",
     "save_adapter",
+    "widen_rank",
     "write_chunked",
     "write_scan",
     "write_step",

@@ -8,6 +8,7 @@ in `delta_mem_adapter.safetensors` (ours and the fixtures) or `delta_mem_adapter
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -199,3 +200,54 @@ def load_adapter(model: Decoder, folder: str | Path) -> DeltaMemConfig:
         model.layers.attn = previous
         raise
     return config
+
+
+def widen_rank(model: Decoder, rank: int, noise: float = 0.1, seed: int = 0) -> DeltaMemConfig:
+    """Grows the attached memory's rank in place (TSW/SSW: one sub-state), keeping what it learned.
+
+    The old r×r state becomes the top-left block of the new one. New memory key, query and
+    value columns start at `noise` × each layer's spread of the trained ones, new write
+    gates at zero weight and the mean trained bias, new correction rows at zero; the old
+    corrections are rescaled so that scale = α / rank stays what it was. With `noise=0`
+    the widened model computes exactly what it did (the new rows of the state stay zero);
+    with a small `noise` the new rows hold small writes from the start, so training can use
+    them (the correction rows get a gradient). Returns the new config.
+    """
+    mem = memory_of(model)
+    c = mem.config
+    if c.num_state_heads != 1:
+        raise ValueError(f"widen_rank grows one state per layer; this memory has {c.num_state_heads} sub-states")
+    if rank <= c.rank:
+        raise ValueError(f"widen_rank needs a rank above the current {c.rank}, got {rank}")
+    new = dataclasses.replace(c, rank=rank)
+    R, G, extra = c.width, c.num_gates, new.width - c.width
+    sets = 1 if mem._coupled else 2
+    in_proj = np.asarray(mem.in_proj[...])  # [l, d, 3R + G·sets]
+    bias = np.asarray(mem.gate_bias[...])  # [l, G·sets]
+    L, d = in_proj.shape[:2]
+    rng = np.random.default_rng(seed)
+    cols, biases = [], []
+    for i in range(3):  # memory q | k | v
+        block = in_proj[..., i * R : (i + 1) * R]
+        spread = block.std(axis=(1, 2), keepdims=True)  # [l, 1, 1]
+        cols += [block, noise * spread * rng.standard_normal((L, d, extra)).astype(np.float32)]
+    new_gates = extra if c.rankwise_gates else 0
+    for j in range(sets):  # β (and λ) gates: one per state row when rankwise
+        g = in_proj[..., 3 * R + j * G : 3 * R + (j + 1) * G]
+        b = bias[:, j * G : (j + 1) * G]
+        cols += [g, np.zeros((L, d, new_gates), np.float32)]
+        biases += [b, np.repeat(b.mean(axis=1, keepdims=True), new_gates, axis=1)]
+    keep = c.scale / new.scale
+    deltas = {}
+    for branch in c.branches:
+        w = np.asarray(getattr(mem, f"delta_{branch}")[...])  # [l, R, ...]
+        deltas[branch] = np.concatenate([keep * w, np.zeros((L, extra, *w.shape[2:]), np.float32)], axis=1)
+    detach(model)
+    attach(model, new)
+    wide = memory_of(model)
+    wide.enabled[...] = mem.enabled[...]
+    wide.in_proj[...] = jnp.asarray(np.concatenate(cols, -1))
+    wide.gate_bias[...] = jnp.asarray(np.concatenate(biases, -1))
+    for branch, w in deltas.items():
+        getattr(wide, f"delta_{branch}")[...] = jnp.asarray(w)
+    return new

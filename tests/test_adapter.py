@@ -452,3 +452,48 @@ def test_attach_seed():
     key = "layers/attn/memory/in_proj"
     np.testing.assert_array_equal(pa[key], pb[key])
     assert not np.array_equal(pa[key], pc[key])
+
+
+# ------------------------------------------------------------------------ widening the rank
+
+
+def test_widen_rank_keeps_what_the_memory_computes(tmp_path):
+    """With no noise the widened memory computes exactly what the trained one did (the old
+    state is the new one's top-left block, the new rows stay zero); with noise the new rows
+    are written and the logits move a little; the result saves and loads as a rank-r' adapter."""
+    model, cfg = _backbone("tsw")
+    old = deltamem_jax.load_adapter(model, FIXTURES / "tsw" / "adapter")
+    r = old.rank
+    logits, state = _run(model, cfg, MemoryState.zeros(cfg.num_layers, 2, old))
+
+    new = deltamem_jax.widen_rank(model, 2 * r, noise=0.0)
+    assert new.rank == 2 * r and new.scale == old.scale / 2 and new.branches == old.branches
+    wide_logits, wide = _run(model, cfg, MemoryState.zeros(cfg.num_layers, 2, new))
+    assert wide.S.shape == (cfg.num_layers, 2, 1, 2 * r, 2 * r)
+    np.testing.assert_allclose(wide_logits, logits, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(wide.S)[..., :r, :r], np.asarray(state.S), atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(np.asarray(wide.S)[..., r:, :], 0.0)
+    np.testing.assert_array_equal(np.asarray(wide.S)[..., :, r:], 0.0)
+
+    model, _ = _backbone("tsw")
+    deltamem_jax.load_adapter(model, FIXTURES / "tsw" / "adapter")
+    deltamem_jax.widen_rank(model, r + 4, noise=0.1, seed=1)
+    noisy_logits, noisy = _run(model, cfg, MemoryState.zeros(cfg.num_layers, 2, deltamem_jax.memory_of(model).config))
+    assert np.max(np.abs(np.asarray(noisy.S)[..., r:, :])) > 1e-4  # the new rows are written
+    np.testing.assert_allclose(noisy_logits, logits, atol=0.05 * np.abs(logits).max(), rtol=0)
+
+    out = deltamem_jax.save_adapter(model, tmp_path / "wide")
+    fresh, _ = _backbone("tsw")
+    assert deltamem_jax.load_adapter(fresh, out).rank == r + 4
+    np.testing.assert_array_equal(_run(fresh, cfg, MemoryState.zeros(cfg.num_layers, 2, deltamem_jax.memory_of(fresh).config))[0], noisy_logits)
+
+
+def test_widen_rank_refuses_what_it_cannot_grow():
+    model, _ = _backbone("msw")
+    config = deltamem_jax.load_adapter(model, FIXTURES / "msw" / "adapter")
+    with pytest.raises(ValueError, match="sub-states"):
+        deltamem_jax.widen_rank(model, 2 * config.rank)
+    model, _ = _backbone("tsw")
+    config = deltamem_jax.load_adapter(model, FIXTURES / "tsw" / "adapter")
+    with pytest.raises(ValueError, match="rank above"):
+        deltamem_jax.widen_rank(model, config.rank)
