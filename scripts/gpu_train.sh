@@ -3,9 +3,10 @@
 # adapter with a large batch, ends itself after $TL seconds with a checkpoint and the exported
 # adapter, then evaluates that adapter on held-out episodes. Extra arguments go to train.py,
 # e.g. the curriculum flags of the CPU run it continues:
-#   GGUF=... OUT=$OUT INIT=docs/runs/cpu-codes/adapter bash scripts/gpu_train.sh \
-#     --relations door_code,locker,birthday,appointment --max-facts 3 --max-chitchat 0 --update-rate 0 \
-#     --never-said-rate 0 --value-weight 5 --beta-weight 10 --plain-weight 1
+#   GGUF=... OUT=$OUT bash scripts/gpu_train.sh --rank 16 \
+#     --relations door_code,locker,birthday,appointment --max-facts 4 --max-chitchat 0 --update-rate 0 \
+#     --never-said-rate 0 --value-weight 5 --beta-weight 10 --plain-weight 1 --context-weight 1
+# (the default INIT, the shipped adapter, is rank 16: the run's --rank must match its adapter's)
 # Expects the GGUF at $GGUF and the wheels it needs on PYTHONPATH. Results under $OUT.
 set -u
 : "${GGUF:?path of the SmolLM2 GGUF}" "${OUT:?output folder}"

@@ -173,8 +173,10 @@ def train(
     corpus = load_or_build(out, model, tokenizer, renderer.system_prompt, config.seed) if config.plain_weight > 0 else None
     if init_adapter is not None:
         load_adapter(model, init_adapter)
-        if memory_of(model).config.to_official() != config.memory.to_official():
-            raise ValueError(f"{init_adapter} has another δ-mem config than this run's")
+        have, want = memory_of(model).config.to_official(), config.memory.to_official()
+        if have != want:
+            diff = ", ".join(f"{k}: adapter {have[k]!r}, run {want.get(k)!r}" for k in have if have[k] != want.get(k))
+            raise ValueError(f"{init_adapter} has another δ-mem config than this run's ({diff}); pass the adapter's settings, e.g. --rank")
     else:
         attach(model, config.memory, seed=config.seed)
     expect = {"backbone": model_fingerprint(model)["model"], "config": config.to_json()}
