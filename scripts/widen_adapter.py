@@ -4,7 +4,7 @@ The widened adapter computes what the old one did, plus small writes into the ne
 rows (`--noise`), so a run started from it (`scripts/train.py --init-adapter OUT --rank R`)
 can put the extra capacity to use without relearning the rest (`deltamem_jax.widen_rank`).
 
-    python scripts/widen_adapter.py --adapter deltamem_jax/adapters/smollm2-135m-instruct-tsw --rank 16 --out runs/rank16-init
+    python scripts/widen_adapter.py --adapter docs/runs/cpu-stage9/adapter --rank 16 --out runs/rank16-init   (stage 10's start)
 """
 
 from __future__ import annotations
