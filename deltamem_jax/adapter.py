@@ -221,9 +221,9 @@ def widen_rank(model: Decoder, rank: int, noise: float = 0.1, seed: int = 0) -> 
         raise ValueError(f"widen_rank needs a rank above the current {c.rank}, got {rank}")
     new = dataclasses.replace(c, rank=rank)
     R, G, extra = c.width, c.num_gates, new.width - c.width
-    sets = 1 if mem._coupled else 2
     in_proj = np.asarray(mem.in_proj[...])  # [l, d, 3R + G·sets]
     bias = np.asarray(mem.gate_bias[...])  # [l, G·sets]
+    sets = bias.shape[-1] // G  # β, and λ when it has its own projection
     L, d = in_proj.shape[:2]
     rng = np.random.default_rng(seed)
     cols, biases = [], []
