@@ -68,6 +68,9 @@ def classify(name: str, ops: dict, computations: dict, vocab: int) -> tuple[str,
             "ynn_fusion" in name and any(op == "reduce" for _, op, _, _ in inner)
         ):
             return "attention (batched dots, softmax)", 0
+        dots = [n for n in computations[called] if ops[n][1] == "dot"]  # at b > 1 XLA fuses matmuls with their neighbours
+        if dots:
+            return classify(dots[0], ops, computations, vocab)
         return "other (norms, RoPE, cache writes, sampling, ...)", 0
     if opcode == "dot":
         if "batch_dims" in attrs:
@@ -87,6 +90,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=16, help="decode steps in the profiled call")
     p.add_argument("--memory", choices=("none", "tsw", "msw"), default="none", help="δ-mem variant (untrained init)")
     p.add_argument("--repeats", type=int, default=5, help="timed calls before the profiled one")
+    p.add_argument("--top", type=int, default=0, help="also print the N ops that take the most time")
     p.add_argument("--json", help="write the groups as JSON here")
     args = p.parse_args()
 
@@ -138,7 +142,7 @@ def main() -> int:
     ops, computations = hlo_ops(hlo.read_text())
     events = json.load(gzip.open(next(trace_dir.rglob("*.trace.json.gz"))))["traceEvents"]
     groups = collections.defaultdict(lambda: {"ms_per_step": 0.0, "ops_per_step": 0.0, "weight_bytes": 0})
-    unnamed = 0.0
+    unnamed, per_op = 0.0, collections.Counter()
     for e in events:
         name = e.get("args", {}).get("hlo_op")
         if e.get("ph") != "X" or name is None or e["name"] != name:
@@ -151,6 +155,7 @@ def main() -> int:
         g["ms_per_step"] += e["dur"] / 1e3 / steps
         g["ops_per_step"] += 1 / steps
         g["weight_bytes"] += nbytes / steps
+        per_op[name] += e["dur"] / 1e3 / steps
     total = sum(g["ms_per_step"] for g in groups.values())
     print(f"decode b={b} after {t} tokens, δ-mem {args.memory}: {1e3 * min(times):.2f} ms/step best of "
           f"{args.repeats} ({1e3 * float(np.median(times)):.2f} median), profiled call {1e3 * profiled:.2f} ms/step; "
@@ -161,6 +166,8 @@ def main() -> int:
         g["gb_per_s"] = gbs
         print(f"{name:<50} {g['ms_per_step']:8.2f} {g['ms_per_step'] / total:6.1%} {g['ops_per_step']:6.0f} "
               f"{'' if gbs is None else f'{gbs:6.1f}'}")
+    for name, ms in per_op.most_common(args.top):
+        print(f"  {ms:7.2f} ms/step  {name} {ops[name][0]}  ({classify(name, ops, computations, cfg.vocab_size)[0]})")
     if args.json:
         out = {"tokens": t, "batch": b, "steps": steps, "memory": args.memory, "ms_per_step_best": 1e3 * min(times),
                "ms_per_step_runs": [1e3 * x for x in times], "ops_ms_per_step": total, "groups": groups}
