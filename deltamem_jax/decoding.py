@@ -191,9 +191,11 @@ def layer_buffers(model: Decoder) -> LayerBuffers:
     return hit[1]
 
 
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "steps", "sampling", "write", "shardings"), donate_argnames=("state",)
-)
+# how `_decode` is jitted; scripts/ab_ynn_fusions.py re-jits it with other compiler options
+DECODE_JIT = dict(static_argnames=("graphdef", "steps", "sampling", "write", "shardings"), donate_argnames=("state",))
+
+
+@functools.partial(jax.jit, **DECODE_JIT)
 def _decode(graphdef, params, buffers, state: DecodeState, prefix, stop_ids, steps: int, sampling: Sampling, write: WriteMode, shardings):
     model = nnx.merge(graphdef, params)
     control = WriteControl(write)

@@ -21,8 +21,7 @@ from deltamem_jax.cli import load_backbone
 from deltamem_jax.decoding import prefill
 from models.decoder import KVCache
 
-raw = decoding._decode.__wrapped__
-kw = dict(static_argnames=("graphdef", "steps", "sampling", "write", "shardings"), donate_argnames=("state",))
+raw, kw = decoding._decode.__wrapped__, decoding.DECODE_JIT
 variants = {"ynn": jax.jit(raw, **kw), "noynn": jax.jit(raw, **kw, compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""})}
 model, _ = load_backbone()
 cfg = model.cfg
