@@ -2,21 +2,21 @@
 # A training run on a lent accelerator (the device tool gives ~15 minutes): continues from an
 # adapter with a large batch, ends itself after $TL seconds with a checkpoint and the exported
 # adapter, then evaluates that adapter on held-out episodes. Extra arguments go to train.py,
-# e.g. the curriculum flags of the CPU run it continues:
-#   GGUF=... OUT=$OUT bash scripts/gpu_train.sh --rank 16 \
-#     --relations door_code,locker,birthday,appointment --max-facts 4 --max-chitchat 0 --update-rate 0 \
-#     --never-said-rate 0 --value-weight 5 --beta-weight 10 --plain-weight 1 --context-weight 1
+# e.g. stage 12's (docs/RESULTS.md), which continued the stage-11 adapter:
+#   GGUF=/root/stash/smollm2.gguf OUT=$OUT STEPS=300 TL=430 bash scripts/gpu_train.sh --rank 16 --seed 7 --lr 2e-3 \
+#     --relations door_code,locker,birthday,appointment --min-facts 1 --max-facts 4 --max-chitchat 0 --update-rate 0.1 \
+#     --never-said-rate 0 --value-weight 5 --beta-weight 10 --plain-weight 1 --plain-len 128 --context-weight 1 \
+#     --context-len 176 --no-remat --checkpoint-every 50
 # (the default INIT, the shipped adapter, is rank 16: the run's --rank must match its adapter's)
 # Expects the GGUF at $GGUF and the wheels it needs on PYTHONPATH. The run folder is $RUN (a plain_corpus.json
 # there is reused rather than generated again). Results under $OUT; the checkpoints come back as
 # ckpt.tgz.NN pieces (`cat ckpt.tgz.* | tar xz` restores them, and a rerun with the same flags resumes).
 #
 # Getting there (what worked on the H200 on 2026-11-30; docs/RESULTS.md § Stage 12):
-# - The GGUF (98 MB) and the repository (49 MB, 39 of them docs/) exceed the 64 MiB a call carries.
-#   Here: `split -n 2 -d` the GGUF into an excluded folder (.stash/), `mv docs` aside and
-#   `git rm -r --cached -q docs` (undo after: `git reset -q -- docs`). First call carries part 00 and copies
-#   it to /root/stash; the next call, made within the machine's 30 s warm window, carries part 01
-#   and joins them (check the sha256).
+# - The GGUF (98 MB) and the repository (49 MB, 39 of them docs/) exceed the 64 MiB a call carries:
+#   `bash scripts/device_carry.sh prepare` halves the GGUF and sets docs/ aside; the first call stashes
+#   part 00 in /root/stash, the next (within the machine's 30 s warm window) carries part 01 and joins
+#   them there; `bash scripts/device_carry.sh restore` after the calls. Its header has the commands.
 # - Use the machine's own flax (0.12.10 there, with jax 0.11.2): this repository's pin, flax 0.12.8, fails to
 #   import under jax 0.11.2 (jax.experimental.hijax has no HiPrimitive). Carry only the gguf wheel.
 # - With --update-rate > 0 an episode in context needs --context-len 176 (136 is too short).
