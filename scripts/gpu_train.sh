@@ -8,7 +8,7 @@
 #     --never-said-rate 0 --value-weight 5 --beta-weight 10 --plain-weight 1 --plain-len 128 --context-weight 1 \
 #     --context-len 176 --no-remat --checkpoint-every 50
 # (the default INIT, the shipped adapter, is rank 16: the run's --rank must match its adapter's)
-# Expects the GGUF at $GGUF and the wheels it needs on PYTHONPATH. The run folder is $RUN (a plain_corpus.json
+# Expects the GGUF at $GGUF, and the repository root and the wheels it needs on PYTHONPATH. The run folder is $RUN (a plain_corpus.json
 # there is reused rather than generated again). Results under $OUT; the checkpoints come back as
 # ckpt.tgz.NN pieces (`cat ckpt.tgz.* | tar xz` restores them, and a rerun with the same flags resumes).
 #
