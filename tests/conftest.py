@@ -7,7 +7,10 @@ import deltamem_jax._xla_flags  # noqa: F401  (XLA CPU flags the package needs; 
 # (--no-loadscope-reorder; xdist's default orders files by their number of tests, which put
 # these few-test, long files last), so with two workers and --dist loadfile the long files
 # start at once and the short ones fill in around them instead of one running on alone.
-LONG_FILES = ("test_multiprocess.py", "test_sharding.py", "test_training.py", "test_session.py", "test_default_adapter.py")
+# test_sharding.py comes first: it runs the one-device reference that test_multiprocess.py
+# reuses (a file lock makes the second to ask wait), so that one comes third, when the
+# reference is usually ready.
+LONG_FILES = ("test_sharding.py", "test_training.py", "test_multiprocess.py", "test_session.py", "test_default_adapter.py")
 
 
 def pytest_collection_modifyitems(config, items):

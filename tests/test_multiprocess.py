@@ -63,7 +63,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from test_sharding import worker_result  # noqa: E402
+from test_sharding import single_device_reference, worker_result  # noqa: E402
 
 
 def _free_port() -> int:
@@ -76,10 +76,7 @@ def _free_port() -> int:
 def runs(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("multiprocess")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    # one process, one device
-    ref = subprocess.run([sys.executable, str(HERE / "test_sharding.py"), "reference", str(tmp / "single.npz")],
-                         env=env, capture_output=True, text=True, timeout=600, cwd=HERE.parent)  # fmt: skip
-    worker_result(ref, "the single-process reference")
+    single = single_device_reference(tmp_path_factory)  # one process, one device (shared with test_sharding.py)
     # two processes over localhost
     port = _free_port()
     procs = [
@@ -96,7 +93,7 @@ def runs(tmp_path_factory) -> dict:
         for p in procs:  # only the workers started here
             if p.poll() is None:
                 p.kill()
-    return {"single": dict(np.load(tmp / "single.npz")), "sharded": dict(np.load(tmp / "sharded.npz")), "reports": reports}
+    return {"single": single, "sharded": dict(np.load(tmp / "sharded.npz")), "reports": reports}
 
 
 def test_two_processes_form_one_mesh(runs):

@@ -228,11 +228,27 @@ def worker_result(proc: subprocess.CompletedProcess, what: str) -> dict:
     return json.loads(lines[-1][len("RESULT ") :])
 
 
+def single_device_reference(tmp_path_factory) -> dict:
+    """The `reference` worker's values, run once per test session: this file and
+    test_multiprocess.py compare against the same run, so the first xdist worker to ask
+    runs it (~70 s on two cores) while the lock holds the others, which then read its file."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # one folder per test session, shared by its workers
+    path = root / "sharding_reference.npz"
+    with FileLock(f"{path}.lock"):
+        if not path.exists():
+            partial = root / "sharding_reference.partial.npz"
+            _run_worker("reference", str(partial))
+            partial.rename(path)  # complete or absent: a failed run leaves no file to reuse
+    return dict(np.load(path))
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
-    path = tmp_path_factory.mktemp("reference") / "single.npz"
-    _run_worker("reference", str(path))
-    return dict(np.load(path))
+    return single_device_reference(tmp_path_factory)
 
 
 @pytest.fixture(scope="module", params=MESHES, ids=[f"{d}x{m}" for d, m in MESHES])
