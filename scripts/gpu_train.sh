@@ -7,7 +7,8 @@
 #     --relations door_code,locker,birthday,appointment --min-facts 1 --max-facts 4 --max-chitchat 0 --update-rate 0.1 \
 #     --never-said-rate 0 --value-weight 5 --beta-weight 10 --plain-weight 1 --plain-len 128 --context-weight 1 \
 #     --context-len 176 --no-remat --checkpoint-every 50
-# (the default INIT, the shipped adapter, is rank 16: the run's --rank must match its adapter's)
+# (the default INIT, the shipped adapter, is rank 16: the run's --rank must match its adapter's).
+# Stage 14, the shipped adapter, continued stage 12 with STEPS=450 TL=400, --seed 8 --lr 1e-3 --min-facts 3 and the rest as above.
 # Expects the GGUF at $GGUF, and the repository root and the wheels it needs on PYTHONPATH. The run folder is $RUN (a plain_corpus.json
 # there is reused rather than generated again). Results under $OUT; the checkpoints come back as
 # ckpt.tgz.NN pieces (`cat ckpt.tgz.* | tar xz` restores them, and a rerun with the same flags resumes).
@@ -18,7 +19,8 @@
 #   part 00 in /root/stash, the next (within the machine's 30 s warm window) carries part 01 and joins
 #   them there; `bash scripts/device_carry.sh restore` after the calls. Its header has the commands.
 # - Use the machine's own flax (0.12.10 there, with jax 0.11.2): this repository's pin, flax 0.12.8, fails to
-#   import under jax 0.11.2 (jax.experimental.hijax has no HiPrimitive). Carry only the gguf wheel.
+#   import under jax 0.11.2 (jax.experimental.hijax has no HiPrimitive). Carry only the gguf wheel and
+#   install it with `pip install --no-deps --target /tmp/site2 .whl/gguf*.whl` (the device reaches no package index).
 # - With --update-rate > 0 an episode in context needs --context-len 176 (136 is too short).
 # - eval_recall needs LoCoMo for its perplexity: carry a copy and pass EVAL_ARGS="--ppl-text PATH",
 #   or evaluate the returned adapter on a CPU machine.
