@@ -129,13 +129,13 @@ def test_state_keeps_its_sharding_across_processes(runs):
 
 # What gloo's C++ side writes to stdout when the processes connect; other output can split
 # it across lines anywhere ("[Gloo] Rank" on one line, " is connected to 1 peer ranks. …" on the next).
-GLOO_MESSAGE = "[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1"
+_DIGITS = re.compile(r"\d+")
+_GLOO_MESSAGE = _DIGITS.sub("#", "[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1")
 
 
 def _gloo_fragment(line: str) -> bool:
     """Whether a line is (a piece of) gloo's connection message, whatever its numbers."""
-    digits = re.compile(r"\d+")
-    return digits.sub("#", line.strip()) in digits.sub("#", GLOO_MESSAGE)
+    return _DIGITS.sub("#", line.strip()) in _GLOO_MESSAGE
 
 
 def test_generate_command_on_two_processes_equals_one(tmp_path):
