@@ -191,18 +191,29 @@ def layer_buffers(model: Decoder) -> LayerBuffers:
     return hit[1]
 
 
-# how `_decode` is jitted; scripts/ab_ynn_fusions.py re-jits it with other compiler options
-DECODE_JIT = dict(static_argnames=("graphdef", "steps", "sampling", "write", "shardings"), donate_argnames=("state",))
+# XLA options for the decode loop on CPU. Without XLA CPU's YNNPACK fusions its small-batch
+# matmuls run on its own dot emitter, faster here at batch 8 and no slower at batch 1
+# (`python scripts/ab_ynn_fusions.py`, AMD EPYC: b=8/512 76.3 -> 67.2 ms per step, best of 7).
+CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+_DECODE_JITS: dict = {}
 
 
-@functools.partial(jax.jit, **DECODE_JIT)
+def _decode_jitted():
+    """`_decode` jitted for the default backend (with `CPU_DECODE_OPTIONS` on CPU)."""
+    options = dict(CPU_DECODE_OPTIONS) if jax.default_backend() == "cpu" else {}
+    key = tuple(sorted(options.items()))
+    if key not in _DECODE_JITS:
+        _DECODE_JITS[key] = jax.jit(
+            _decode, static_argnames=("graphdef", "steps", "sampling", "write", "shardings"), donate_argnames=("state",),
+            compiler_options=options or None,
+        )  # fmt: skip
+    return _DECODE_JITS[key]
+
+
 def _decode(graphdef, params, buffers, state: DecodeState, prefix, stop_ids, steps: int, sampling: Sampling, write: WriteMode, shardings):
     model = nnx.merge(graphdef, params)
     control = WriteControl(write)
-    # over layer buffers, each layer's cache is its own array through the loop (KVCache.unstack);
-    # on a mesh the cache keeps its stacked, placed form
-    on_mesh = any(s is not None for s in jax.tree.leaves(shardings, is_leaf=lambda x: x is None))
-    per_layer = buffers is not None and not on_mesh
+    on_mesh = _on_mesh(shardings)
 
     def step(s: DecodeState, _):
         key, sub = jax.random.split(s.key)
@@ -218,13 +229,14 @@ def _decode(graphdef, params, buffers, state: DecodeState, prefix, stop_ids, ste
         new = DecodeState(cache, memory, logits[:, -1], s.positions + live, key, done)
         return (keep_shardings(new, shardings) if on_mesh else new), (tok, live)  # the carry stays where it was placed
 
-    if per_layer:
-        state = state.replace(cache=state.cache.unstack())
-        prefix = None if prefix is None else prefix.unstack()
+    if state.cache.per_layer and prefix is not None:
+        prefix = prefix.unstack()
     state, (tokens, live) = jax.lax.scan(step, state, None, length=steps)
-    if per_layer:
-        state = state.replace(cache=state.cache.stack())
     return state, tokens.T, live.T  # [b, steps]
+
+
+def _on_mesh(shardings) -> bool:
+    return any(s is not None for s in jax.tree.leaves(shardings, is_leaf=lambda x: x is None))
 
 
 def decode(
@@ -242,7 +254,10 @@ def decode(
     padding and were neither cached nor written). `state` is donated; on a mesh, every part
     of it keeps its sharding through the loop (`placed_shardings`). `scan_layers`
     (default `scan_layers_default()`): False runs the layers over per-layer copies of
-    their weights (`layer_buffers`, kept per model: the weights' memory twice).
+    their weights (`layer_buffers`, kept per model: the weights' memory twice) and a
+    per-layer cache (`KVCache.unstack`, made on the first call), which the returned
+    state keeps, so the next call of a stream copies no cache; `forward` stacks it again.
+    On a mesh the cache keeps its stacked, placed form.
     """
     if state.cache.max_len - int(state.cache.end) < steps:
         raise ValueError(f"{steps} decode steps do not fit: {state.cache.max_len - int(state.cache.end)} cache slots left")
@@ -255,8 +270,10 @@ def decode(
     buffers = None if scan else layer_buffers(model)
     # a shared prefix goes in beside the donated state, so it outlives this call (other batches reuse it)
     prefix = state.cache.prefix
-    state = state.replace(cache=state.cache.replace(prefix=None))
-    state, tokens, live = _decode(graphdef, params, buffers, state, prefix, stop, steps, sampling, write, placed_shardings(state))
+    cache = state.cache.replace(prefix=None)
+    per_layer = buffers is not None and not _on_mesh(placed_shardings(cache))
+    state = state.replace(cache=cache.unstack() if per_layer else cache.stack())
+    state, tokens, live = _decode_jitted()(graphdef, params, buffers, state, prefix, stop, steps, sampling, write, placed_shardings(state))
     return state.replace(cache=state.cache.replace(prefix=prefix)), tokens, live
 
 

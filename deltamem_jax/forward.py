@@ -53,7 +53,8 @@ def forward(
     `memory=None` runs the frozen backbone even when δ-mem is attached.
     """
     graphdef, params = nnx.split(model)
-    prefix, cache = cache.prefix, cache.replace(prefix=None)  # a shared prefix is read, never returned (no copy of it)
+    # a cache a CPU decode left per layer (`decoding.decode`) is stacked again: one copy per turn
+    prefix, cache = cache.prefix, cache.replace(prefix=None).stack()  # a shared prefix is read, never returned (no copy of it)
     shardings = placed_shardings((cache, memory))
     logits, cache, memory = _forward(graphdef, params, tokens, positions, valid, cache, prefix, memory, control or WriteControl(), attend_cache,
                                      last_only, shardings)  # fmt: skip

@@ -219,7 +219,8 @@ class Session:
         path = Path(path).absolute()
         arrays = {"memory": self.memory.S}
         if self.cache is not None:
-            arrays.update(cache_k=self.cache.k, cache_v=self.cache.v, cache_valid=self.cache.valid, cache_end=self.cache.end)
+            cache = self.cache.stack()  # a CPU decode leaves it per layer
+            arrays.update(cache_k=cache.k, cache_v=cache.v, cache_valid=cache.valid, cache_end=cache.end)
         meta = {
             "format": "deltamem-jax-session/1",
             "fingerprint": self.fingerprint,

@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Decode with XLA CPU's YNNPACK fusions (the default) against without them, side by side.
+"""Decode with and without XLA CPU's YNNPACK fusions, side by side.
 
-Both variants are compiled in one process (the fusions are switched off per jit with
-`compiler_options`) and timed in interleaved rounds of 16 decode steps, so the machine's
-drift hits both alike. A scratch A/B for choosing the CPU default, not a benchmark to quote.
+Both variants are compiled in one process (`decoding.CPU_DECODE_OPTIONS` switches the
+fusions per jit) and timed in interleaved rounds of 16 decode steps on a per-layer cache
+(as a stream's calls after its first find it), so the machine's drift hits both alike.
+A scratch A/B for choosing the CPU default, not a benchmark to quote.
 
     python scripts/ab_ynn_fusions.py
 """
@@ -21,8 +22,7 @@ from deltamem_jax.cli import load_backbone
 from deltamem_jax.decoding import prefill
 from models.decoder import KVCache
 
-raw, kw = decoding._decode.__wrapped__, decoding.DECODE_JIT
-variants = {"ynn": jax.jit(raw, **kw), "noynn": jax.jit(raw, **kw, compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""})}
+variants = {"ynn": {}, "noynn": {"xla_cpu_experimental_ynn_fusion_type": ""}}
 model, _ = load_backbone()
 cfg = model.cfg
 steps = 16
@@ -32,10 +32,11 @@ for b, t in ((1, 512), (8, 512), (1, 2048)):
     valid = jnp.ones((b, t), bool)
     ready = lambda: jax.block_until_ready(prefill(model, tokens, pos, valid, KVCache.create(cfg, b, t + steps), None))
     times = {k: [] for k in variants}
-    for r in range(6):
-        for name, fn in variants.items():
-            decoding._decode = fn
+    for r in range(8):
+        for name, options in variants.items():
+            decoding.CPU_DECODE_OPTIONS = options
             s = ready()
+            s = s.replace(cache=s.cache.unstack())
             t0 = time.perf_counter()
             jax.block_until_ready(decoding.decode(model, s, steps)[1])
             if r:  # round 0 compiles

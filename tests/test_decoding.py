@@ -31,7 +31,7 @@ from deltamem_jax.decoding import DecodeState, Sampling, bucket, decode, generat
 from deltamem_jax.state import WriteControl
 from models.decoder import KVCache, SharedPrefix
 
-gen_module = importlib.import_module("deltamem_jax.decoding")  # for its private `_decode`
+gen_module = importlib.import_module("deltamem_jax.decoding")  # for its private `_decode_jitted`
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "official_tiny"
 
@@ -86,8 +86,8 @@ def _first_stop(row, stop_ids) -> int | None:
 
 
 def _counting_decode(counter: list):
-    """A fresh jit of `_decode`'s Python function that counts (and chex-limits) its traces."""
-    raw = gen_module._decode.__wrapped__
+    """A fresh jit of `_decode` that counts (and chex-limits) its traces."""
+    raw = gen_module._decode
 
     @functools.wraps(raw)
     def counted(*args, **kwargs):
@@ -144,7 +144,7 @@ def decode_traces(_traced_decode, monkeypatch):
     """
     fn, traces = _traced_decode
     chex.clear_trace_counter()
-    monkeypatch.setattr(gen_module, "_decode", fn)
+    monkeypatch.setattr(gen_module, "_decode_jitted", lambda: fn)
     yield traces
     chex.clear_trace_counter()
 
@@ -243,11 +243,20 @@ def test_per_layer_buffers_equal_the_layer_scan(tsw):
     np.testing.assert_array_equal(tok_loop, tok_scan)
     _close(loop.logits, scan.logits, 1e-5)
     _close(loop.memory.S, scan.memory.S, 1e-6)
-    _close(loop.cache.k, scan.cache.k, 1e-6)
-    _close(loop.cache.v, scan.cache.v, 1e-6)
+    assert loop.cache.per_layer and not scan.cache.per_layer  # the loop's cache stays per layer for the next call
+    _close(loop.cache.stack().k, scan.cache.k, 1e-6)
+    _close(loop.cache.stack().v, scan.cache.v, 1e-6)
     np.testing.assert_array_equal(loop.cache.valid, scan.cache.valid)
     assert int(loop.cache.end) == int(scan.cache.end) == PAD_LEN + N_NEW
-    assert not loop.cache.per_layer  # the loop's per-layer cache leaves decode stacked again
+    # a stream's next call continues the per-layer cache; a prefill after it (the next turn) stacks it
+    again, tok_again, _ = decode(tsw, loop, 2, scan_layers=False)
+    scan2, tok_scan2, _ = decode(tsw, scan, 2, scan_layers=True)
+    np.testing.assert_array_equal(tok_again, tok_scan2)
+    nxt = prompt[:, :2]  # fills the cache: 32 + 12 + 2 + 2 slots
+    turn = prefill(tsw, nxt, _arange(b, 2) + PAD_LEN + N_NEW + 2, jnp.ones((b, 2), bool), again.cache, again.memory)
+    turn_scan = prefill(tsw, nxt, _arange(b, 2) + PAD_LEN + N_NEW + 2, jnp.ones((b, 2), bool), scan2.cache, scan2.memory)
+    assert not turn.cache.per_layer
+    _close(turn.logits, turn_scan.logits, 1e-5)
     assert gen_module.layer_buffers(tsw) is gen_module.layer_buffers(tsw)  # built once per model
     with pytest.raises(ValueError, match="per-layer KV cache"):
         tsw(prompt[:, :1], _arange(b, 1), jnp.ones((b, 1), bool), fresh().cache.unstack())
@@ -285,7 +294,7 @@ def test_shared_prefix_equals_the_prefix_copied_into_every_row(tsw, scan_layers)
     np.testing.assert_array_equal(tok_s, tok_t)
     _close(st_s.logits, st_t.logits, 1e-5)
     _close(st_s.memory.S, st_t.memory.S, 1e-6)
-    assert st_s.cache.prefix is shared.prefix and st_s.cache.k.shape[3] == room  # the rows hold only their own slots
+    assert st_s.cache.prefix is shared.prefix and st_s.cache.stack().k.shape[3] == room  # the rows hold only their own slots
     assert not shared.prefix.k.is_deleted()  # not donated: the next batch of questions reuses it
     with pytest.raises(ValueError, match="one-row cache"):
         SharedPrefix.of(tiled)
