@@ -15,7 +15,6 @@ are left-padded; padding neither attends, is attended to, nor writes.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 
@@ -191,9 +190,9 @@ def layer_buffers(model: Decoder) -> LayerBuffers:
     return hit[1]
 
 
-# XLA options for the decode loop on CPU. Without XLA CPU's YNNPACK fusions its small-batch
-# matmuls run on its own dot emitter, faster here at batch 8 and no slower at batch 1
-# (`python scripts/ab_ynn_fusions.py`, AMD EPYC: b=8/512 76.3 -> 67.2 ms per step, best of 7).
+# XLA options for the decode loop on CPU. Without XLA CPU's YNNPACK fusions its 8-row
+# matmuls run on its own dot emitter: `python scripts/ab_ynn_fusions.py` on the AMD EPYC
+# measured batch 8 12–17% faster in three runs, batch 1 within the noise (README § Speed).
 CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 _DECODE_JITS: dict = {}
 

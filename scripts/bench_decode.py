@@ -401,11 +401,9 @@ class JaxShapeBench:
         return out
 
     def _decode(self, name):
-        from deltamem_jax.decoding import decode
+        from deltamem_jax.decoding import decode, scan_layers_default
 
         model, _ = self.variants[name]
-        from deltamem_jax.decoding import scan_layers_default
-
         state = self.jax.tree.map(lambda a: a.copy(), self.state0[name])  # decode donates its state
         if not (scan_layers_default() if SCAN_LAYERS[0] is None else SCAN_LAYERS[0]):
             state = state.replace(cache=state.cache.unstack())  # as every call of a stream after its first finds it
