@@ -199,14 +199,13 @@ _DECODE_JITS: dict = {}
 
 def _decode_jitted():
     """`_decode` jitted for the default backend (with `CPU_DECODE_OPTIONS` on CPU)."""
-    options = dict(CPU_DECODE_OPTIONS) if jax.default_backend() == "cpu" else {}
-    key = tuple(sorted(options.items()))
-    if key not in _DECODE_JITS:
-        _DECODE_JITS[key] = jax.jit(
+    options = tuple(sorted(CPU_DECODE_OPTIONS.items())) if jax.default_backend() == "cpu" else ()
+    if options not in _DECODE_JITS:
+        _DECODE_JITS[options] = jax.jit(
             _decode, static_argnames=("graphdef", "steps", "sampling", "write", "shardings"), donate_argnames=("state",),
-            compiler_options=options or None,
+            compiler_options=dict(options) or None,
         )  # fmt: skip
-    return _DECODE_JITS[key]
+    return _DECODE_JITS[options]
 
 
 def _decode(graphdef, params, buffers, state: DecodeState, prefix, stop_ids, steps: int, sampling: Sampling, write: WriteMode, shardings):
