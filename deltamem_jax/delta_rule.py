@@ -59,8 +59,11 @@ def read(state: Float[Array, "b m r r"], q: Float[Array, "b t m r"]) -> Float[Ar
 
 def _step(state: Float[Array, "b m r r"], x: WriteInputs) -> tuple[Array, Array]:
     """One token for every batch row: x fields are `[b, m, r]`. Returns (read, new state)."""
-    # both products with the old state in one dot: per token and layer, one small op fewer
-    r_t, s_k = jnp.einsum("bmij,bmcj->cbmi", state, jnp.stack([x.q, x.k], 2), precision=_HIGHEST)
+    # products with the 8×8 state as multiply-adds, not dots: XLA CPU fuses them with the
+    # update below into one loop, where each dot was an op of its own (~10 µs per layer and
+    # token in decode, `scripts/profile_decode.py --memory msw`)
+    both = jnp.sum(state[:, :, None] * jnp.stack([x.q, x.k], 2)[..., None, :], axis=-1)  # [b, m, 2, r]
+    r_t, s_k = both[:, :, 0], both[:, :, 1]
     e = x.beta * (x.v - x.mu * s_k)  # [b, m, r]
     new = x.lam[..., None] * state + e[..., :, None] * x.k[..., None, :]
     return r_t, new

@@ -70,15 +70,19 @@ class DeltaMem(nnx.Module):
     def _coupled(self) -> bool:
         return self.config.couple_lambda or self.config.update_mode == UpdateMode.NO_LAMBDA
 
-    def features(self, x: Float[Array, "b t d"]) -> delta_rule.WriteInputs:
-        """Memory query/key/value and gates of each token (float32, `[b, t, m, r]`)."""
+    def features(self, x: Float[Array, "b t d"], z: Float[Array, "b t p"] | None = None) -> delta_rule.WriteInputs:
+        """Memory query/key/value and gates of each token (float32, `[b, t, m, r]`), from
+        `z = x @ in_proj` (given when decode computed it with the attention's q/k/v)."""
         c = self.config
         m, r, R, G = c.num_state_heads, c.rank, c.width, c.num_gates
-        z = jnp.einsum("btd,dp->btp", x.astype(jnp.float32), self.in_proj[...], precision=jax.lax.Precision.HIGHEST)
+        if z is None:
+            z = jnp.einsum("btd,dp->btp", x.astype(jnp.float32), self.in_proj[...], precision=jax.lax.Precision.HIGHEST)
+        z = z.astype(jnp.float32)
         b, t = z.shape[:2]
-        q, k, v = (z[..., i * R : (i + 1) * R].reshape(b, t, m, r) for i in range(3))
+        qk = z[..., : 2 * R].reshape(b, t, 2 * m, r)  # q's sub-states, then k's
         if c.normalize_qk:
-            q, k = _l2norm(jnp.tanh(q)), _l2norm(jnp.tanh(k))
+            qk = _l2norm(jnp.tanh(qk))
+        q, k, v = qk[:, :, :m], qk[:, :, m:], z[..., 2 * R : 3 * R].reshape(b, t, m, r)
         gates = jax.nn.sigmoid(z[..., 3 * R :] + self.gate_bias[...])  # [b, t, G·sets]
 
         def per_row(g):  # [b, t, G] -> [b, t, m, r]
@@ -100,12 +104,13 @@ class DeltaMem(nnx.Module):
         state: MemoryState,  # one layer: S [b, m, r, r]
         valid: Bool[Array, "b t"],
         control: WriteControl,
+        z: Float[Array, "b t p"] | None = None,  # x @ in_proj, when already computed
     ) -> tuple[Float[Array, "b t R"], MemoryState]:
         """Reads (concatenated sub-state-major) and the layer's new state."""
         c = self.config
         b, t, _ = x.shape
         valid = valid & self.enabled[...]
-        f = self.features(x)
+        f = self.features(x, z)
         s, stats = state.S, state.gate_stats
         if stats is not None and control.mode == WriteMode.TOKENS:
             stats = stats + _gate_sums(f.beta, valid)
@@ -180,13 +185,32 @@ class DeltaMemAttention(nnx.Module):
     def __init__(self, base: Attention, memory: DeltaMem):
         self.base = base
         self.memory = memory
+        self.fused = False  # decode buffers: in_proj and W_Δo folded into the attention's matmuls
+
+    def fuse_for_decode(self) -> None:
+        """`Attention.fuse_for_decode` with the memory's `in_proj` beside q/k/v and
+        `scale · W_Δo` under `o_proj`: per layer and token, two small matmuls fewer (at
+        ~10–30 µs each on CPU, most of δ-mem's decode cost; `scripts/profile_decode.py
+        --memory msw`). Only for float32 weights, so the memory's float32 projections keep
+        their precision."""
+        if self.base.q_proj.dtype != jnp.float32:
+            return self.base.fuse_for_decode()
+        c = self.memory.config
+        side_out = None
+        if "o" in c.branches:
+            side_out = c.scale * self.memory.delta_o[...]  # [R, d]
+        self.base.fuse_for_decode(side_in=self.memory.in_proj[...], side_out=side_out)
+        self.fused = True
 
     def __call__(self, x, positions, valid, cache, memory: MemoryState | None, control: WriteControl | None, use_rope):
-        if memory is None:
+        if memory is None and not self.fused:
             return self.base(x, positions, valid, cache, None, control, use_rope)
-        reads, memory = self.memory(x, memory, valid, control or WriteControl())
+        q, k, v, side = self.base.project(x)
+        if memory is None:  # fused decode buffers without a memory: zero reads, the frozen attention
+            reads = jnp.zeros((*x.shape[:2], self.memory.config.width), jnp.float32)
+        else:
+            reads, memory = self.memory(x, memory, valid, control or WriteControl(), side if self.fused else None)
         branches = self.memory.config.branches
-        q, k, v = self.base.project(x)
         if "q" in branches:
             q = q + self.memory.correction("q", reads, q.dtype)
         if "k" in branches:
@@ -194,6 +218,8 @@ class DeltaMemAttention(nnx.Module):
         if "v" in branches:
             v = v + self.memory.correction("v", reads, v.dtype)
         a, kv = self.base.attend(q, k, v, positions, valid, cache, use_rope)
+        if self.fused and "o" in branches:
+            return self.base.output(a, reads), kv, memory
         y = self.base.output(a)
         if "o" in branches:
             y = y + self.memory.correction("o", reads, y.dtype)

@@ -371,26 +371,48 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             self.q_norm = _param(rngs, (L, h), ("layers", "head_dim"), dt, fill=1.0)
             self.k_norm = _param(rngs, (L, h), ("layers", "head_dim"), dt, fill=1.0)
-        self.qkv_proj = nnx.data(None)  # set only in decode's per-layer buffers (`split_layers`)
+        self.qkv_proj = nnx.data(None)  # set only in decode's per-layer buffers (`fuse_for_decode`)
 
-    def project(self, x: Array) -> tuple[Array, Array, Array]:
-        """Raw projections: q [b,t,n,h], k, v [b,t,k,h] (before norms and RoPE).
+    def fuse_for_decode(self, side_in: Array | None = None, side_out: Array | None = None) -> None:
+        """For decode's per-layer buffers (`split_layers`), on one layer's slice: the q/k/v
+        weights become one `qkv_proj [d, (n+2k)·h + p]`, one matmul instead of three (XLA
+        CPU runs a 576-wide matvec on one thread and a 960-wide one on all of them,
+        `scripts/profile_decode.py`).
 
-        In decode's per-layer buffers the three weights are one `qkv_proj [d, n+2k, h]`
-        (`split_layers`): one matmul instead of three. XLA CPU runs a 576-wide matvec on
-        one thread and a 960-wide one on all of them (`scripts/profile_decode.py`).
+        A wrapper may append its own small projections of the same input (`side_in [d, p]`,
+        returned by `project` as `side`) and of extra output inputs (`side_out [p', d]`,
+        rows under `o_proj`, fed by `output(a, side)`): each then costs no matmul of its own.
         """
+        d = self.q_proj.shape[0]  # one layer's slice: [d, n, h]
+        cols = [self.q_proj[...].reshape(d, -1), self.k_proj[...].reshape(d, -1), self.v_proj[...].reshape(d, -1)]
+        self.qkv_proj = nnx.Param(jnp.concatenate(cols + ([] if side_in is None else [side_in.astype(cols[0].dtype)]), axis=1))
+        del self.q_proj, self.k_proj, self.v_proj
+        if side_out is not None:
+            w = self.o_proj[...]
+            w = w.reshape(-1, w.shape[-1])  # [n·h, d]
+            self.o_proj = nnx.Param(jnp.concatenate([w, side_out.astype(w.dtype)], axis=0))
+
+    def project(self, x: Array) -> tuple[Array, Array, Array, Array]:
+        """Raw projections: q [b,t,n,h], k, v [b,t,k,h] (before norms and RoPE), and the
+        `side` columns a wrapper appended in decode's buffers ([b,t,p], p = 0 otherwise)."""
+        n, kv, h = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
         if self.qkv_proj is not None:
-            n, kv = self.cfg.num_heads, self.cfg.num_kv_heads
-            z = jnp.einsum("btd,dnh->btnh", x, self.qkv_proj[...])
-            q, k, v = z[:, :, :n], z[:, :, n : n + kv], z[:, :, n + kv :]
+            w = self.qkv_proj[...]
+            side_cols = w.shape[1] > (n + 2 * kv) * h  # δ-mem's float32 projections: full precision
+            z = jnp.einsum("btd,dp->btp", x, w, precision=jax.lax.Precision.HIGHEST if side_cols else None)
+            b, t, _ = z.shape
+            q = z[..., : n * h].reshape(b, t, n, h)
+            k = z[..., n * h : (n + kv) * h].reshape(b, t, kv, h)
+            v = z[..., (n + kv) * h : (n + 2 * kv) * h].reshape(b, t, kv, h)
+            side = z[..., (n + 2 * kv) * h :]
         else:
             q = jnp.einsum("btd,dnh->btnh", x, self.q_proj[...])
             k = jnp.einsum("btd,dkh->btkh", x, self.k_proj[...])
             v = jnp.einsum("btd,dkh->btkh", x, self.v_proj[...])
+            side = jnp.zeros((*x.shape[:2], 0), x.dtype)
         if self.cfg.qkv_bias:
             q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
-        return q, k, v
+        return q, k, v, side
 
     def attend(self, q, k, v, positions, valid, cache, use_rope) -> tuple[Array, tuple[Array, Array]]:
         """Norms, RoPE and causal GQA attention over (cache slots, then the new tokens).
@@ -424,15 +446,24 @@ class Attention(nnx.Module):
             out = dense_attention(qg, k, v, valid, cache)
         return out.reshape(b, t, n, h), (k, v)
 
-    def output(self, a: Array) -> Array:
+    def output(self, a: Array, side: Array | None = None) -> Array:
+        """The output projection of a [b,t,n,h]; with `side` [b,t,p'] (decode buffers, see
+        `fuse_for_decode`) also the rows appended under `o_proj`, in the same matmul."""
         # as one [n·h, d] matrix (a free reshape): with separate n, h axes XLA CPU transposed
         # the weight inside the decode loop, a copy of it every step
         b, t, n, h = a.shape
-        y = jnp.einsum("btm,md->btd", a.reshape(b, t, n * h), self.o_proj[...].reshape(n * h, -1))
+        w = self.o_proj[...]
+        w = w.reshape(-1, w.shape[-1])
+        a = a.reshape(b, t, n * h)
+        if side is not None:
+            a = jnp.concatenate([a, side.astype(a.dtype)], axis=-1)
+        if a.shape[-1] != w.shape[0]:
+            raise ValueError(f"o_proj has {w.shape[0]} input rows, the attention output (and side) {a.shape[-1]}")
+        y = jnp.einsum("btm,md->btd", a, w, precision=jax.lax.Precision.HIGHEST if side is not None else None)
         return y + self.o_bias[...] if self.cfg.o_bias else y
 
     def __call__(self, x, positions, valid, cache, memory, control, use_rope):
-        q, k, v = self.project(x)
+        q, k, v, _ = self.project(x)
         a, kv = self.attend(q, k, v, positions, valid, cache, use_rope)
         return self.output(a), kv, memory
 
@@ -576,18 +607,14 @@ class LayerBuffers:
 
 
 def split_layers(model: Decoder) -> LayerBuffers:
-    """A copy of every layer's parameters as separate arrays, its attention's q/k/v
-    weights fused into one `qkv_proj [d, n+2k, h]`. δ-mem parameters are included when
-    attached."""
+    """A copy of every layer's parameters as separate arrays, its attention's projections
+    fused for decode (`fuse_for_decode`: q/k/v as one matmul, and δ-mem's own small
+    projections folded into those of the attention when attached)."""
     graphdef, state = nnx.split(model.layers)
     layer_graph, states = None, []
     for i in range(model.cfg.num_layers):
         layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state))  # noqa: B023
-        for _, module in nnx.iter_modules(layer):
-            if isinstance(module, Attention):
-                fused = jnp.concatenate([module.q_proj[...], module.k_proj[...], module.v_proj[...]], axis=1)
-                module.qkv_proj = nnx.Param(fused)
-                del module.q_proj, module.k_proj, module.v_proj
+        layer.attn.fuse_for_decode()
         layer_graph, layer_state = nnx.split(layer)
         states.append(layer_state)
     return LayerBuffers(graphdef=layer_graph, states=tuple(states))

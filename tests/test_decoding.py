@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import models
 from deltamem_jax import DeltaMemConfig, MemoryState, attach, forward, load_adapter, memory_of
@@ -260,6 +261,29 @@ def test_per_layer_buffers_equal_the_layer_scan(tsw):
     assert gen_module.layer_buffers(tsw) is gen_module.layer_buffers(tsw)  # built once per model
     with pytest.raises(ValueError, match="per-layer KV cache"):
         tsw(prompt[:, :1], _arange(b, 1), jnp.ones((b, 1), bool), fresh().cache.unstack())
+
+
+def test_decode_buffers_fold_the_memory_projections_into_the_attention(tsw, plain):
+    """In decode's per-layer buffers (float32 weights) δ-mem's `in_proj` sits beside q/k/v in
+    one matmul and `scale · W_Δo` under `o_proj` (their equality with the scan is the test
+    above); with no memory (the no-memory control) the folded attention is the frozen one."""
+    cfg, c = tsw.cfg, memory_of(tsw).config
+    buffers = gen_module.layer_buffers(tsw)
+    attn = nnx.merge(buffers.graphdef, buffers.states[0]).attn
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    assert attn.fused
+    assert attn.base.qkv_proj.shape == (cfg.hidden_size, qkv + memory_of(tsw).in_proj.shape[-1])
+    assert attn.base.o_proj.shape == (cfg.num_heads * cfg.head_dim + c.width, cfg.hidden_size)
+    b = 2
+    prompt = jnp.asarray(np.random.default_rng(5).integers(1, cfg.vocab_size, (b, PAD_LEN)).astype(np.int32))
+    runs = {}
+    for name, model in (("tsw", tsw), ("plain", plain)):
+        st = prefill(model, prompt, _arange(b, PAD_LEN), jnp.ones((b, PAD_LEN), bool), KVCache.create(cfg, b, CACHE_LEN), None)
+        runs[name] = decode(model, st, N_NEW, scan_layers=False)
+    (st_m, tok_m, _), (st_p, tok_p, _) = runs["tsw"], runs["plain"]
+    np.testing.assert_array_equal(tok_m, tok_p)
+    _close(st_m.logits, st_p.logits, 1e-5)
+    assert st_m.memory is None
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])
