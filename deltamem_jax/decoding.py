@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from deltamem_jax.forward import forward, keep_shardings, placed_shardings
+from deltamem_jax.forward import forward, jit_for_backend, keep_shardings, placed_shardings
 from deltamem_jax.state import MemoryState, WriteControl, WriteMode
 from models.decoder import Decoder, KVCache, LayerBuffers, split_layers
 from models.sharding import gather
@@ -190,22 +190,11 @@ def layer_buffers(model: Decoder) -> LayerBuffers:
     return hit[1]
 
 
-# XLA options for the decode loop on CPU. Without XLA CPU's YNNPACK fusions its 8-row
-# matmuls run on its own dot emitter: `python scripts/ab_ynn_fusions.py` on the AMD EPYC
-# measured batch 8 12–17% faster in three runs, batch 1 within the noise (README § Speed).
-CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-_DECODE_JITS: dict = {}
-
-
 def _decode_jitted():
-    """`_decode` jitted for the default backend (with `CPU_DECODE_OPTIONS` on CPU)."""
-    options = tuple(sorted(CPU_DECODE_OPTIONS.items())) if jax.default_backend() == "cpu" else ()
-    if options not in _DECODE_JITS:
-        _DECODE_JITS[options] = jax.jit(
-            _decode, static_argnames=("graphdef", "steps", "sampling", "write", "shardings"), donate_argnames=("state",),
-            compiler_options=dict(options) or None,
-        )  # fmt: skip
-    return _DECODE_JITS[options]
+    """`_decode` jitted for the default backend (`forward.jit_for_backend`)."""
+    return jit_for_backend(
+        _decode, static_argnames=("graphdef", "steps", "sampling", "write", "shardings"), donate_argnames=("state",)
+    )
 
 
 def _decode(graphdef, params, buffers, state: DecodeState, prefix, stop_ids, steps: int, sampling: Sampling, write: WriteMode, shardings):

@@ -413,13 +413,13 @@ class JaxShapeBench:
     def compile_prefill(self, name):
         """Ahead-of-time compile of prefill's jitted forward (fills the jit cache).
 
-        Best effort (it reaches into `deltamem_jax.forward._forward`): should the call
+        Best effort (it reaches into `deltamem_jax.forward._forward_jitted`): should the call
         path differ, the first timed prefill compiles instead, is detected by the
         CompileWatch, discarded and rerun.
         """
         from flax import nnx
 
-        from deltamem_jax.forward import _forward, placed_shardings
+        from deltamem_jax.forward import _forward_jitted, placed_shardings
         from deltamem_jax.state import WriteControl
 
         from deltamem_jax.decoding import PREFILL_SEGMENT
@@ -430,7 +430,7 @@ class JaxShapeBench:
             g, p = nnx.split(model)
             for start in range(0, self.t, PREFILL_SEGMENT):  # one forward per prefill segment
                 piece = slice(start, start + PREFILL_SEGMENT)
-                _forward.lower(g, p, self.tokens[:, piece], self.positions[:, piece], self.valid[:, piece], self.cache,
+                _forward_jitted().lower(g, p, self.tokens[:, piece], self.positions[:, piece], self.valid[:, piece], self.cache,
                                None, self.memory[name], WriteControl(), start > 0, True,
                                placed_shardings((self.cache, self.memory[name]))).compile()
         except Exception as e:  # noqa: BLE001
