@@ -219,6 +219,8 @@ def _decode(graphdef, params, buffers, state: DecodeState, prefix, stop_ids, ste
     if state.cache.per_layer and prefix is not None:
         prefix = prefix.unstack()
     state, (tokens, live) = jax.lax.scan(step, state, None, length=steps)
+    if on_mesh:  # the loop's result too: XLA may otherwise pick another layout for it
+        state = keep_shardings(state, shardings)
     return state, tokens.T, live.T  # [b, steps]
 
 
