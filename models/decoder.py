@@ -183,7 +183,8 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
     return out.astype(x.dtype)
 
 
-ATTENTION_BLOCK = 512  # prompts longer than this attend blockwise, in blocks of this size
+ATTENTION_BLOCK = 512  # prompts longer than this attend blockwise, in key blocks of this size
+QUERY_BLOCK = 256  # and query blocks of this size (`scripts/bench_attention_blocks.py`)
 
 
 def _part(blocks) -> tuple[Array, Array, Array]:
@@ -198,6 +199,25 @@ def _part(blocks) -> tuple[Array, Array, Array]:
     for sc, values in blocks:
         out, at = out + values(e[..., at : at + sc.shape[-1]]), at + sc.shape[-1]
     return m, jnp.sum(e, axis=-1), out
+
+
+def _keys_major_part(blocks) -> tuple[Array, Array, Array]:
+    """`_part` for score blocks laid out keys-major, each (scores [..., s_i, q] float32,
+    values [..., h+1, s_i] with a last row of ones): the max reduces over a major axis and
+    the value product `values @ exp` also sums the weights (its last row), the two passes
+    XLA CPU is slowest at over a minor axis (see `blockwise_attention`).
+    → m, l [..., q], o [..., q, h]."""
+    m = functools.reduce(jnp.maximum, [jnp.max(sc, axis=-2) for sc, _ in blocks])
+    out = sum(
+        jnp.einsum("...hs,...sq->...hq", v1, jnp.exp(sc - m[..., None, :]).astype(v1.dtype), preferred_element_type=jnp.float32)
+        for sc, v1 in blocks
+    )
+    return m, out[..., -1, :], jnp.swapaxes(out[..., :-1, :], -1, -2)
+
+
+def _with_ones_row(values: Array) -> Array:
+    """values [..., h, s] → [..., h+1, s]: the row that makes a value product sum its weights."""
+    return jnp.concatenate([values, jnp.ones_like(values[..., :1, :])], axis=-2)
 
 
 def _merge(parts) -> Array:
@@ -254,40 +274,47 @@ def dense_attention(qg: Array, k: Array, v: Array, valid: Array, cache) -> Array
     The `g` query heads of a KV head are stacked into one `[g·t, h]` matrix, so both
     products are plain batched matmuls (2.5× faster for a 512-token prompt on CPU than a
     separate `g` axis, which stays faster for a single decode token). The softmax is
-    computed per part (prefix, cache, new tokens) and merged (`_merge`).
+    computed per part (prefix; cache and new tokens keys-major, `_keys_major_part`) and
+    merged (`_merge`).
     """
     b, t, kvh, g, h = qg.shape
     if t == 1:
         return _grouped_attention(qg, k, v, valid, cache)
     q = qg.transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, h)
-    causal = jnp.tile(jnp.tril(jnp.ones((t, t), bool)), (g, 1))  # [gt, t]
-    parts, own = [], []  # parts: m, l [b,k,gt], o [b,k,gt,h]; own: this batch's own key blocks
+    causal = jnp.tile(jnp.triu(jnp.ones((t, t), bool)), (1, g))  # [t keys, gt queries]
+    parts, own = [], []  # parts: m, l [b,k,gt], o [b,k,gt,h]; own: this batch's own key blocks, keys-major
     if cache is not None:
         ck, cv, cvalid, prefix = cache
         if prefix is not None:
             m, l, o = _prefix_part(q.transpose(1, 0, 2, 3).reshape(kvh, b * g * t, h), prefix)
             parts.append((m.reshape(kvh, b, g * t).transpose(1, 0, 2), l.reshape(kvh, b, g * t).transpose(1, 0, 2),
                           o.reshape(kvh, b, g * t, h).transpose(1, 0, 2, 3)))  # fmt: skip
-        cs = jnp.einsum("bkqh,bksh->bkqs", q, ck, preferred_element_type=jnp.float32)
-        cs = jnp.where(cvalid[:, None, None, :], cs, _MASKED)
-        own.append((cs, lambda e: jnp.einsum("bkqs,bkhs->bkqh", e.astype(cv.dtype), cv, preferred_element_type=jnp.float32)))
-    scores = jnp.einsum("bkqh,bskh->bkqs", q, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(causal & valid[:, None, None, :], scores, _MASKED)
-    own.append((scores, lambda e: jnp.einsum("bkqs,bskh->bkqh", e.astype(v.dtype), v, preferred_element_type=jnp.float32)))
-    out = _merge([*parts, _part(own)]).astype(qg.dtype)
+        cs = jnp.einsum("bksh,bkqh->bksq", ck, q, preferred_element_type=jnp.float32)
+        own.append((jnp.where(cvalid[:, None, :, None], cs, _MASKED), _with_ones_row(cv)))
+    scores = jnp.einsum("bskh,bkqh->bksq", k, q, preferred_element_type=jnp.float32)
+    scores = jnp.where(causal & valid[:, None, :, None], scores, _MASKED)
+    own.append((scores, _with_ones_row(v.transpose(0, 2, 3, 1))))
+    out = _merge([*parts, _keys_major_part(own)]).astype(qg.dtype)
     return out.reshape(b, kvh, g, t, h).transpose(0, 3, 1, 2, 4)
 
 
-def blockwise_attention(qg: Array, k: Array, v: Array, valid: Array, cache, block: int = ATTENTION_BLOCK) -> Array:
+def blockwise_attention(
+    qg: Array, k: Array, v: Array, valid: Array, cache, block: int = ATTENTION_BLOCK, query_block: int = QUERY_BLOCK
+) -> Array:
     """`dense_attention` computed block by block with an online softmax (flash-attention
     style): peak memory is linear in the prompt length, and key blocks wholly in a query
     block's future, or with no valid key, are skipped. Same arguments and result as
-    `dense_attention`.
+    `dense_attention`; `block` keys against `query_block` query tokens at a time.
 
-    Layout, for speed on CPU: each query block is one `[g·B, h]` matrix per KV head (the
-    `g` query heads sharing a KV head stacked), so both products are plain batched
-    matmuls; the new keys start on a block boundary (the cache part is padded to whole
-    blocks), so a segment's causal skipping is exact.
+    Layout, for speed on XLA CPU (`scripts/profile_decode.py --prefill` shows the ops):
+    - each query block is one `[g·B_q, h]` matrix per KV head (the `g` query heads sharing
+      a KV head stacked), so both products are plain batched matmuls;
+    - a score block is `[keys, queries]`: the softmax's max reduces over a major axis,
+      ~3× faster than over the minor one, which XLA CPU runs at ~1.5 G elements/s;
+    - the value product is `[h+1, keys] @ p [keys, queries]` with a row of ones under the
+      values, so it also sums the weights (no reduction pass of its own);
+    - the new keys start on a key-block boundary (the cache part is padded to whole
+      blocks), so a segment's causal skipping is exact.
     """
     b, t, kvh, g, h = qg.shape
     keys, values, kvalid = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1), valid  # [b,k,t,h], [b,k,h,t], [b,t]
@@ -304,51 +331,48 @@ def blockwise_attention(qg: Array, k: Array, v: Array, valid: Array, cache, bloc
         keys = jnp.concatenate([jnp.pad(ck, ((0, 0), (0, 0), (0, pad_c), (0, 0))), keys.astype(ck.dtype)], axis=2)
         values = jnp.concatenate([jnp.pad(cv, ((0, 0), (0, 0), (0, 0), (0, pad_c))), values.astype(cv.dtype)], axis=3)
         kvalid = jnp.concatenate([jnp.pad(cvalid, ((0, 0), (0, pad_c))), valid], axis=1)
-    nq = -(-t // block)
-    nk = s // block + nq
+    qb = query_block
+    nq = -(-t // qb)
+    nk = -(-(s + t) // block)
     pad_k = nk * block - (s + t)
     keys = jnp.pad(keys, ((0, 0), (0, 0), (0, pad_k), (0, 0))).reshape(b, kvh, nk, block, h).transpose(2, 0, 1, 3, 4)
-    values = jnp.pad(values, ((0, 0), (0, 0), (0, 0), (0, pad_k))).reshape(b, kvh, h, nk, block).transpose(3, 0, 1, 2, 4)
+    values = _with_ones_row(jnp.pad(values, ((0, 0), (0, 0), (0, 0), (0, pad_k))))  # [b,k,h+1,s]
+    values = values.reshape(b, kvh, h + 1, nk, block).transpose(3, 0, 1, 2, 4)
     kvalid = jnp.pad(kvalid, ((0, 0), (0, pad_k))).reshape(b, nk, block).transpose(1, 0, 2)  # [nk, b, B]
-    qblocks = jnp.pad(qg, ((0, 0), (0, nq * block - t), (0, 0), (0, 0), (0, 0)))
-    qblocks = qblocks.reshape(b, nq, block, kvh, g, h).transpose(1, 0, 3, 4, 2, 5).reshape(nq, b, kvh, g * block, h)
+    qblocks = jnp.pad(qg, ((0, 0), (0, nq * qb - t), (0, 0), (0, 0), (0, 0)))
+    qblocks = qblocks.reshape(b, nq, qb, kvh, g, h).transpose(1, 0, 3, 4, 2, 5).reshape(nq, b, kvh, g * qb, h)
     offsets = jnp.arange(block)
-    row_offsets = jnp.tile(offsets, g)  # each row of a [g·B] query block: its token's place in the block
+    row_offsets = jnp.tile(jnp.arange(qb), g)  # each row of a [g·B_q] query block: its token's place in the block
 
     def one_query_block(args):
-        qb, qi = args  # [b,k,gB,h], []
-        q_index = s + qi * block + row_offsets  # key-space index of each query row
+        qblk, qi = args  # [b,k,gQ,h], []
+        q_index = s + qi * qb + row_offsets  # key-space index of each query row
 
         def one_key_block(carry, xs):
-            kb, vb, kv_ok, ki = xs  # [b,k,B,h], [b,k,h,B], [b,B], []
+            kblk, vblk, kv_ok, ki = xs  # [b,k,B,h], [b,k,h+1,B], [b,B], []
             k_index = ki * block + offsets
 
             def update(carry):
-                m, l, acc = carry  # [b,k,gB], [b,k,gB], [b,k,gB,h] (float32)
-                allowed = kv_ok[:, None, None, :] & (k_index[None, :] <= q_index[:, None])
-                sc = jnp.einsum("bkqh,bksh->bkqs", qb, kb, preferred_element_type=jnp.float32)
+                m, acc = carry  # [b,k,gQ], [b,k,h+1,gQ] (float32; the last row: the weights' sum)
+                allowed = kv_ok[:, None, :, None] & (k_index[:, None] <= q_index[None, :])
+                sc = jnp.einsum("bksh,bkqh->bksq", kblk, qblk, preferred_element_type=jnp.float32)
                 sc = jnp.where(allowed, sc, _MASKED)
-                m_new = jnp.maximum(m, jnp.max(sc, axis=-1))
-                p = jnp.exp(sc - m_new[..., None])
-                scale = jnp.exp(m - m_new)
-                pv = jnp.einsum("bkqs,bkhs->bkqh", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
-                return m_new, l * scale + jnp.sum(p, axis=-1), acc * scale[..., None] + pv
+                m_new = jnp.maximum(m, jnp.max(sc, axis=-2))
+                p = jnp.exp(sc - m_new[..., None, :])
+                pv = jnp.einsum("bkhs,bksq->bkhq", vblk, p.astype(vblk.dtype), preferred_element_type=jnp.float32)
+                return m_new, acc * jnp.exp(m - m_new)[..., None, :] + pv
 
             # skip blocks wholly in the future, and blocks with no valid key (the unused
             # tail of a preallocated cache): they would add exactly zero
-            needed = (ki * block <= s + qi * block + block - 1) & jnp.any(kv_ok)
+            needed = (ki * block <= s + qi * qb + qb - 1) & jnp.any(kv_ok)
             return jax.lax.cond(needed, update, lambda c: c, carry), None
 
-        init = (
-            jnp.full((b, kvh, g * block), _MASKED, jnp.float32),
-            jnp.zeros((b, kvh, g * block), jnp.float32),
-            jnp.zeros((b, kvh, g * block, h), jnp.float32),
-        )
-        (_, l, acc), _ = jax.lax.scan(one_key_block, init, (keys, values, kvalid, jnp.arange(nk)))
-        return (acc / l[..., None]).astype(qg.dtype)  # [b,k,gB,h]
+        init = (jnp.full((b, kvh, g * qb), _MASKED, jnp.float32), jnp.zeros((b, kvh, h + 1, g * qb), jnp.float32))
+        (_, acc), _ = jax.lax.scan(one_key_block, init, (keys, values, kvalid, jnp.arange(nk)))
+        return (acc[:, :, :h] / acc[:, :, h:]).transpose(0, 1, 3, 2).astype(qg.dtype)  # [b,k,gQ,h]
 
-    out = jax.lax.map(one_query_block, (qblocks, jnp.arange(nq)))  # [nq, b, k, gB, h]
-    out = out.reshape(nq, b, kvh, g, block, h).transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * block, kvh, g, h)
+    out = jax.lax.map(one_query_block, (qblocks, jnp.arange(nq)))  # [nq, b, k, gQ, h]
+    out = out.reshape(nq, b, kvh, g, qb, h).transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * qb, kvh, g, h)
     return out[:, :t]
 
 
@@ -441,7 +465,7 @@ class Attention(nnx.Module):
             cv = jax.lax.dynamic_update_slice(cache.v, (v.transpose(0, 2, 3, 1) + zero).astype(cache.v.dtype), (0, 0, 0, cache.end))
             return out.reshape(b, t, n, h), (ck, cv)
         if t > ATTENTION_BLOCK:  # long prompts: never a [t, t] score matrix
-            out = blockwise_attention(qg, k, v, valid, cache, ATTENTION_BLOCK)
+            out = blockwise_attention(qg, k, v, valid, cache, ATTENTION_BLOCK, QUERY_BLOCK)
         else:
             out = dense_attention(qg, k, v, valid, cache)
         return out.reshape(b, t, n, h), (k, v)

@@ -74,16 +74,16 @@ def test_shared_prefix_equals_a_prefix_copied_into_every_row(t):
     np.testing.assert_allclose(np.where(real, out, 0), np.where(real, ref, 0), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("block", [4, 7, 16, 64])
+@pytest.mark.parametrize("block, query_block", [(4, 4), (7, 3), (16, 8), (8, 16), (64, 64)])
 @pytest.mark.parametrize("with_cache", ["none", "cache", "prefix"])
-def test_blockwise_attention_equals_dense(block, with_cache):
+def test_blockwise_attention_equals_dense(block, query_block, with_cache):
     """GQA (3 query heads per KV head), a padded row, a partly invalid cache (alone or behind
-    a shared prefix), blocks that do not divide the lengths, and one block larger than the
-    prompt."""
+    a shared prefix), key and query blocks of equal and of different sizes that do not
+    divide the lengths, and one block larger than the prompt."""
     qg, k, v, valid, cache = _inputs(block)
     cache = {"none": None, "cache": cache, "prefix": _with_prefix(cache, block)}[with_cache]
     ref = dense_attention(qg, k, v, valid, cache)
-    out = blockwise_attention(qg, k, v, valid, cache, block)
+    out = blockwise_attention(qg, k, v, valid, cache, block, query_block)
     real = np.asarray(valid)[:, :, None, None, None]  # padding queries attend to nothing
     np.testing.assert_allclose(np.where(real, out, 0), np.where(real, ref, 0), atol=1e-5, rtol=0)
 
@@ -97,7 +97,7 @@ def test_blockwise_attention_gradients_equal_dense():
         return jnp.sum(jnp.sin(fn(qg, k, v)) * w)
 
     ref = jax.grad(lambda *a: loss(lambda q, k, v: dense_attention(q, k, v, valid, None), *a), argnums=(0, 1, 2))(qg, k, v)
-    out = jax.grad(lambda *a: loss(lambda q, k, v: blockwise_attention(q, k, v, valid, None, 8), *a), argnums=(0, 1, 2))(qg, k, v)
+    out = jax.grad(lambda *a: loss(lambda q, k, v: blockwise_attention(q, k, v, valid, None, 8, 4), *a), argnums=(0, 1, 2))(qg, k, v)
     for a, b in zip(out, ref):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
@@ -124,6 +124,7 @@ def test_model_forward_blockwise_equals_dense(tsw, monkeypatch):
 
     ref_logits, ref_cache, ref_mem = run()
     monkeypatch.setattr(decoder, "ATTENTION_BLOCK", 8)
+    monkeypatch.setattr(decoder, "QUERY_BLOCK", 4)
     logits, cache, mem = run()
     real = np.asarray(valid)[:, :, None]
     np.testing.assert_allclose(np.where(real, logits, 0), np.where(real, ref_logits, 0), atol=1e-5, rtol=0)
