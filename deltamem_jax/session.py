@@ -39,6 +39,8 @@ from models.tokenizer import Tokenizer
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 # A trained adapter for the embedded default model, when one is installed here.
 DEFAULT_ADAPTER = Path(__file__).parent / "adapters" / "smollm2-135m-instruct-tsw"
+SESSION_FORMAT = "deltamem-jax-session/2"  # 2: the KV cache as k [.., h, s], v [.., s, h] (`KVCache`)
+_SESSION_FORMAT_1 = "deltamem-jax-session/1"  # k [.., s, h], v [.., h, s]: still loaded
 
 
 class Mode(str, enum.Enum):
@@ -222,7 +224,7 @@ class Session:
             cache = self.cache.stack()  # a CPU decode leaves it per layer
             arrays.update(cache_k=cache.k, cache_v=cache.v, cache_valid=cache.valid, cache_end=cache.end)
         meta = {
-            "format": "deltamem-jax-session/1",
+            "format": SESSION_FORMAT,
             "fingerprint": self.fingerprint,
             "mode": self.mode.value,
             "system_prompt": self.system_prompt,
@@ -256,8 +258,9 @@ class Session:
             raise FileNotFoundError(f"no saved session at {path}")
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
             meta = ckpt.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            if meta.get("format") != "deltamem-jax-session/1":
+            if meta.get("format") not in (SESSION_FORMAT, _SESSION_FORMAT_1):
                 raise ValueError(f"{path} is not a deltamem-jax session")
+            old_layout = meta["format"] == _SESSION_FORMAT_1
             if model is None:
                 session = cls.default(meta["mode"], system_prompt=meta["system_prompt"], max_context=meta["max_context"], **kwargs)
             else:
@@ -268,12 +271,15 @@ class Session:
                     f"(saved {meta['fingerprint']['model']} / adapter {meta['fingerprint']['adapter'][:12]}, "
                     f"this one {session.fingerprint['model']} / adapter {session.fingerprint['adapter'][:12]})"
                 )
-            targets = _restore_targets(session, mesh)
+            targets = _restore_targets(session, mesh, old_layout)
             arrays = ckpt.restore(path, args=ocp.args.Composite(arrays=ocp.args.PyTreeRestore(
                 restore_args=jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype), targets))))["arrays"]  # fmt: skip
         session.memory = MemoryState(S=arrays["memory"])
         if session.mode == Mode.CONTEXT_AND_MEMORY:
-            session.cache = KVCache(k=arrays["cache_k"], v=arrays["cache_v"], valid=arrays["cache_valid"], end=arrays["cache_end"])
+            k, v = arrays["cache_k"], arrays["cache_v"]
+            if old_layout:  # saved with k [.., s, h] and v [.., h, s]
+                k, v = jnp.swapaxes(k, -1, -2), jnp.swapaxes(v, -1, -2)
+            session.cache = KVCache(k=k, v=v, valid=arrays["cache_valid"], end=arrays["cache_end"])
         session.history = meta["history"]
         session.fed_text = meta["fed_text"]
         session.position = meta["position"]
@@ -281,8 +287,9 @@ class Session:
         return session
 
 
-def _restore_targets(session: Session, mesh) -> dict:
-    """Shapes, dtypes and shardings of a session's saved arrays (its fresh state's shapes)."""
+def _restore_targets(session: Session, mesh, old_layout: bool = False) -> dict:
+    """Shapes, dtypes and shardings of a session's saved arrays (its fresh state's shapes;
+    with `old_layout`, a format-1 file's, whose cache k and v had their last two axes swapped)."""
     from jax.sharding import SingleDeviceSharding
 
     memory, cache = session.memory, session.cache
@@ -300,7 +307,8 @@ def _restore_targets(session: Session, mesh) -> dict:
     if cache is not None:
         for name in ("k", "v", "valid", "end"):
             x = getattr(cache, name)
-            out[f"cache_{name}"] = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(cache_sh, name))
+            shape = (*x.shape[:-2], x.shape[-1], x.shape[-2]) if old_layout and name in ("k", "v") else x.shape
+            out[f"cache_{name}"] = jax.ShapeDtypeStruct(shape, x.dtype, sharding=getattr(cache_sh, name))
     return out
 
 

@@ -46,8 +46,8 @@ class SharedPrefix:
     """Keys and values of a prefix that every row of a batch continues (one copy, no batch
     axis): many questions about one long document attend to it without tiling it per row."""
 
-    k: Array  # [l, k, p, h], or per layer (`unstack`) a tuple of [k, p, h]
-    v: Array  # [l, k, h, p], or per layer a tuple of [k, h, p]
+    k: Array  # [l, k, h, p], or per layer (`unstack`) a tuple of [k, h, p]
+    v: Array  # [l, k, p, h], or per layer a tuple of [k, p, h]
     valid: Array  # [p] bool
 
     @classmethod
@@ -56,7 +56,7 @@ class SharedPrefix:
         if cache.valid.shape[0] != 1 or cache.per_layer or cache.prefix is not None:
             raise ValueError("a shared prefix is made from a stacked one-row cache without a prefix of its own")
         n = int(cache.end)
-        return cls(k=cache.k[:, 0, :, :n], v=cache.v[:, 0, :, :, :n], valid=cache.valid[0, :n])
+        return cls(k=cache.k[:, 0, :, :, :n], v=cache.v[:, 0, :, :n], valid=cache.valid[0, :n])
 
     @property
     def length(self) -> int:
@@ -77,10 +77,12 @@ class KVCache:
     (the caller gives positions after it).
     """
 
-    # Layouts chosen so both attention products contract over the minor axis (no
-    # per-step transposing copy of the cache): q·k over h, p·v over s.
-    k: Array  # [l, b, k, s, h], or per layer (`unstack`) a tuple of [b, k, s, h]
-    v: Array  # [l, b, k, h, s], or per layer a tuple of [b, k, h, s]
+    # Layouts chosen so a decode step's two attention products are plain (NN) matmuls,
+    # q [g, h] @ k [h, s] and p [g, s] @ v [s, h]: XLA CPU ran them 2× faster than with
+    # k [s, h] and v [h, s] (`scripts/ab_cache_layout.py`). Prompts (many queries) read
+    # the cache transposed (`dense_attention`, `blockwise_attention`): one copy per call.
+    k: Array  # [l, b, k, h, s], or per layer (`unstack`) a tuple of [b, k, h, s]
+    v: Array  # [l, b, k, s, h], or per layer a tuple of [b, k, s, h]
     valid: Array  # [b, s] bool
     end: Array  # [] int32: slots in use
     prefix: SharedPrefix | None = None
@@ -89,8 +91,8 @@ class KVCache:
     def create(cls, cfg: ModelConfig, batch: int, max_len: int, prefix: SharedPrefix | None = None) -> KVCache:
         lead = (cfg.num_layers, batch, cfg.num_kv_heads)
         return cls(
-            k=jnp.zeros(lead + (max_len, cfg.head_dim), cfg.jnp_dtype),
-            v=jnp.zeros(lead + (cfg.head_dim, max_len), cfg.jnp_dtype),
+            k=jnp.zeros(lead + (cfg.head_dim, max_len), cfg.jnp_dtype),
+            v=jnp.zeros(lead + (max_len, cfg.head_dim), cfg.jnp_dtype),
             valid=jnp.zeros((batch, max_len), bool),
             end=jnp.zeros((), jnp.int32),
             prefix=prefix,
@@ -118,11 +120,11 @@ class KVCache:
 
     def append(self, k: Array, v: Array, valid: Array) -> KVCache:
         """Writes new keys/values `[l, b, t, k, h]` at slot `end` (in place under donation)."""
-        k = k.transpose(0, 1, 3, 2, 4).astype(self.k.dtype)  # [l, b, k, t, h]
-        v = v.transpose(0, 1, 3, 4, 2).astype(self.v.dtype)  # [l, b, k, h, t]
+        k = k.transpose(0, 1, 3, 4, 2).astype(self.k.dtype)  # [l, b, k, h, t]
+        v = v.transpose(0, 1, 3, 2, 4).astype(self.v.dtype)  # [l, b, k, t, h]
         return self.written(
-            jax.lax.dynamic_update_slice(self.k, k, (0, 0, 0, self.end, 0)),
-            jax.lax.dynamic_update_slice(self.v, v, (0, 0, 0, 0, self.end)),
+            jax.lax.dynamic_update_slice(self.k, k, (0, 0, 0, 0, self.end)),
+            jax.lax.dynamic_update_slice(self.v, v, (0, 0, 0, self.end, 0)),
             valid,
         )
 
@@ -138,11 +140,11 @@ class CacheSlots(NamedTuple):
     returns the arrays. A decode loop over a per-layer cache (`KVCache.unstack`) passes
     this; a stacked cache would have XLA CPU copy each layer's slice every step."""
 
-    k: Array  # [b, k, s, h]
-    v: Array  # [b, k, h, s]
+    k: Array  # [b, k, h, s]
+    v: Array  # [b, k, s, h]
     valid: Array  # [b, s] bool, before the new tokens
     end: Array  # [] int32
-    prefix: tuple[Array, Array, Array] | None = None  # this layer's shared prefix: k [k,p,h], v [k,h,p], valid [p]
+    prefix: tuple[Array, Array, Array] | None = None  # this layer's shared prefix: k [k,h,p], v [k,p,h], valid [p]
 
 
 # ---------------------------------------------------------------------------- layers
@@ -238,39 +240,47 @@ def _merge(parts) -> Array:
 def _prefix_part(q: Array, prefix) -> tuple[Array, Array, Array]:
     """The shared prefix's part for queries q [k, n, h] (every row's queries of a KV head
     as one matrix, so each product is one matmul per KV head): m, l [k, n], o [k, n, h]."""
-    pk, pv, pvalid = prefix  # [k,p,h], [k,h,p], [p]
-    scores = jnp.einsum("knh,ksh->kns", q, pk, preferred_element_type=jnp.float32)
-    return _part([(jnp.where(pvalid, scores, _MASKED), lambda e: jnp.einsum("kns,khs->knh", e.astype(pv.dtype), pv, preferred_element_type=jnp.float32))])
+    pk, pv, pvalid = prefix  # [k,h,p], [k,p,h], [p]
+    scores = jnp.einsum("knh,khs->kns", q, pk, preferred_element_type=jnp.float32)
+    return _part([(jnp.where(pvalid, scores, _MASKED), lambda e: jnp.einsum("kns,ksh->knh", e.astype(pv.dtype), pv, preferred_element_type=jnp.float32))])
 
 
-def _grouped_attention(qg: Array, k: Array, v: Array, valid: Array, cache) -> Array:
-    """`dense_attention` with a separate `g` axis: faster for a decode step (t = 1) on CPU."""
-    b, t, kvh, g, h = qg.shape
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    parts, own = [], []  # parts: m, l [b,t,k,g], o [b,t,k,g,h]; own: this batch's own key blocks
-    if cache is not None:
-        ck, cv, cvalid, prefix = cache
-        if prefix is not None:  # one copy for every row: no batch axis on its keys
-            m, l, o = _prefix_part(qg.transpose(2, 0, 1, 3, 4).reshape(kvh, b * t * g, h), prefix)
-            parts.append((m.reshape(kvh, b, t, g).transpose(1, 2, 0, 3), l.reshape(kvh, b, t, g).transpose(1, 2, 0, 3),
-                          o.reshape(kvh, b, t, g, h).transpose(1, 2, 0, 3, 4)))  # fmt: skip
-        cs = jnp.einsum("btkgh,bksh->bkgts", qg, ck, preferred_element_type=jnp.float32)
-        cs = jnp.where(cvalid[:, None, None, None, :], cs, _MASKED)
-        own.append((cs, lambda e: jnp.einsum("bkgts,bkhs->btkgh", e.astype(cv.dtype), cv, preferred_element_type=jnp.float32)))
-    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(causal & valid[:, None, None, None, :], scores, _MASKED)
-    own.append((scores, lambda e: jnp.einsum("bkgts,bskh->btkgh", e.astype(v.dtype), v, preferred_element_type=jnp.float32)))
-    m, l, o = _part(own)
-    return _merge([*parts, (m.transpose(0, 3, 1, 2), l.transpose(0, 3, 1, 2), o)]).astype(qg.dtype)
+def _step_attention(qg: Array, k: Array, v: Array, valid: Array, cache) -> Array:
+    """`dense_attention` for one new token (a decode step, t = 1), with a separate `g` axis
+    and no `t` axis: per KV head, `q [g, h] @ k [h, s]` and `p [g, s] @ v [s, h]` over the
+    cache, the token's own key and value as element-wise products. Written so, XLA CPU keeps
+    the cache in its layout; with a `t` axis in the products, or the token's own score
+    concatenated to the cache's, it transposed each layer's keys every step and ran the
+    value product transposed (`scripts/profile_decode.py` showed 2× the attention time)."""
+    b, _, kvh, g, h = qg.shape
+    if cache is None:  # the token attends to itself alone
+        return jnp.broadcast_to(v[:, :, :, None, :], qg.shape).astype(qg.dtype)
+    q = qg[:, 0]  # [b,k,g,h]
+    own = jnp.sum(q.astype(jnp.float32) * k[:, 0, :, None, :].astype(jnp.float32), axis=-1)  # [b,k,g]
+    own = jnp.where(valid[:, :, None], own, _MASKED)
+    own_v = v[:, 0, :, None, :].astype(jnp.float32)  # [b,k,1,h]
+    parts = []  # m, l [b,k,g], o [b,k,g,h]
+    ck, cv, cvalid, prefix = cache
+    if prefix is not None:  # one copy for every row: no batch axis on its keys
+        m, l, o = _prefix_part(q.transpose(1, 0, 2, 3).reshape(kvh, b * g, h), prefix)
+        parts.append((m.reshape(kvh, b, g).transpose(1, 0, 2), l.reshape(kvh, b, g).transpose(1, 0, 2),
+                      o.reshape(kvh, b, g, h).transpose(1, 0, 2, 3)))  # fmt: skip
+    cs = jnp.einsum("bkgh,bkhs->bkgs", q, ck, preferred_element_type=jnp.float32)
+    cs = jnp.where(cvalid[:, None, None, :], cs, _MASKED)
+    m = jnp.maximum(jnp.max(cs, axis=-1), own)
+    e, e_own = jnp.exp(cs - m[..., None]), jnp.exp(own - m)
+    o = jnp.einsum("bkgs,bksh->bkgh", e.astype(cv.dtype), cv, preferred_element_type=jnp.float32) + e_own[..., None] * own_v
+    parts.append((m, jnp.sum(e, axis=-1) + e_own, o))
+    return _merge(parts)[:, None].astype(qg.dtype)
 
 
 def dense_attention(qg: Array, k: Array, v: Array, valid: Array, cache) -> Array:
     """Causal GQA attention with the full score matrix (decode steps and short prompts).
 
     qg [b,t,k,g,h] (scaled), k, v [b,t,k,h], valid [b,t]; cache None or
-    (ck [b,k,s,h], cv [b,k,h,s], cvalid [b,s], prefix), all before the new tokens, where
-    prefix is None or a shared prefix every row attends to first (pk [k,p,h], pv [k,h,p],
-    pvalid [p]). → [b,t,k,g,h]
+    (ck [b,k,h,s], cv [b,k,s,h], cvalid [b,s], prefix), all before the new tokens (the
+    `KVCache` layouts), where prefix is None or a shared prefix every row attends to first
+    (pk [k,h,p], pv [k,p,h], pvalid [p]). → [b,t,k,g,h]
     The `g` query heads of a KV head are stacked into one `[g·t, h]` matrix, so both
     products are plain batched matmuls (2.5× faster for a 512-token prompt on CPU than a
     separate `g` axis, which stays faster for a single decode token). The softmax is
@@ -279,7 +289,7 @@ def dense_attention(qg: Array, k: Array, v: Array, valid: Array, cache) -> Array
     """
     b, t, kvh, g, h = qg.shape
     if t == 1:
-        return _grouped_attention(qg, k, v, valid, cache)
+        return _step_attention(qg, k, v, valid, cache)
     q = qg.transpose(0, 2, 3, 1, 4).reshape(b, kvh, g * t, h)
     causal = jnp.tile(jnp.triu(jnp.ones((t, t), bool)), (1, g))  # [t keys, gt queries]
     parts, own = [], []  # parts: m, l [b,k,gt], o [b,k,gt,h]; own: this batch's own key blocks, keys-major
@@ -289,8 +299,8 @@ def dense_attention(qg: Array, k: Array, v: Array, valid: Array, cache) -> Array
             m, l, o = _prefix_part(q.transpose(1, 0, 2, 3).reshape(kvh, b * g * t, h), prefix)
             parts.append((m.reshape(kvh, b, g * t).transpose(1, 0, 2), l.reshape(kvh, b, g * t).transpose(1, 0, 2),
                           o.reshape(kvh, b, g * t, h).transpose(1, 0, 2, 3)))  # fmt: skip
-        cs = jnp.einsum("bksh,bkqh->bksq", ck, q, preferred_element_type=jnp.float32)
-        own.append((jnp.where(cvalid[:, None, :, None], cs, _MASKED), _with_ones_row(cv)))
+        cs = jnp.einsum("bkhs,bkqh->bksq", ck, q, preferred_element_type=jnp.float32)
+        own.append((jnp.where(cvalid[:, None, :, None], cs, _MASKED), _with_ones_row(jnp.swapaxes(cv, -1, -2))))
     scores = jnp.einsum("bskh,bkqh->bksq", k, q, preferred_element_type=jnp.float32)
     scores = jnp.where(causal & valid[:, None, :, None], scores, _MASKED)
     own.append((scores, _with_ones_row(v.transpose(0, 2, 3, 1))))
@@ -320,9 +330,11 @@ def blockwise_attention(
     keys, values, kvalid = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1), valid  # [b,k,t,h], [b,k,h,t], [b,t]
     s = 0
     if cache is not None:
-        ck, cv, cvalid, prefix = cache  # [b,k,S,h], [b,k,h,S], [b,S]
+        ck, cv, cvalid, prefix = cache  # [b,k,h,S], [b,k,S,h], [b,S]
+        ck, cv = jnp.swapaxes(ck, -1, -2), jnp.swapaxes(cv, -1, -2)  # [b,k,S,h], [b,k,h,S], copied below anyway
         if prefix is not None:  # a long prompt after a shared prefix: the prefix copied per row here
             pk, pv, pvalid = prefix
+            pk, pv = jnp.swapaxes(pk, -1, -2), jnp.swapaxes(pv, -1, -2)
             ck = jnp.concatenate([jnp.broadcast_to(pk, (b, *pk.shape)).astype(ck.dtype), ck], axis=2)
             cv = jnp.concatenate([jnp.broadcast_to(pv, (b, *pv.shape)).astype(cv.dtype), cv], axis=3)
             cvalid = jnp.concatenate([jnp.broadcast_to(pvalid, (b, pvalid.shape[0])), cvalid], axis=1)
@@ -461,8 +473,8 @@ class Attention(nnx.Module):
             # layer; measured 2.5× the time of a 30-layer decode's attention). Adding 0·out
             # orders them; XLA keeps the float multiply (0·NaN is NaN), so it is not folded away.
             zero = jnp.zeros((), out.dtype) * out[0, 0, 0, 0, 0]
-            ck = jax.lax.dynamic_update_slice(cache.k, (k.transpose(0, 2, 1, 3) + zero).astype(cache.k.dtype), (0, 0, cache.end, 0))
-            cv = jax.lax.dynamic_update_slice(cache.v, (v.transpose(0, 2, 3, 1) + zero).astype(cache.v.dtype), (0, 0, 0, cache.end))
+            ck = jax.lax.dynamic_update_slice(cache.k, (k.transpose(0, 2, 3, 1) + zero).astype(cache.k.dtype), (0, 0, 0, cache.end))
+            cv = jax.lax.dynamic_update_slice(cache.v, (v.transpose(0, 2, 1, 3) + zero).astype(cache.v.dtype), (0, 0, cache.end, 0))
             return out.reshape(b, t, n, h), (ck, cv)
         if t > ATTENTION_BLOCK:  # long prompts: never a [t, t] score matrix
             out = blockwise_attention(qg, k, v, valid, cache, ATTENTION_BLOCK, QUERY_BLOCK)

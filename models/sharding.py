@@ -113,8 +113,8 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: ShardingRules = Shardin
 def cache_shardings(cache: KVCache, mesh: Mesh, rules: ShardingRules = ShardingRules()) -> KVCache:
     """The KV cache on a mesh: batch on `rules.batch`, KV heads as the attention's weights."""
     return KVCache(
-        k=rules.sharding(("layers", "batch", "kv_heads", None, "head_dim"), cache.k.shape, mesh),  # [l, b, k, s, h]
-        v=rules.sharding(("layers", "batch", "kv_heads", "head_dim", None), cache.v.shape, mesh),  # [l, b, k, h, s]
+        k=rules.sharding(("layers", "batch", "kv_heads", "head_dim", None), cache.k.shape, mesh),  # [l, b, k, h, s]
+        v=rules.sharding(("layers", "batch", "kv_heads", None, "head_dim"), cache.v.shape, mesh),  # [l, b, k, s, h]
         valid=rules.sharding(("batch", None), cache.valid.shape, mesh),  # [b, s]
         end=NamedSharding(mesh, PartitionSpec()),
     )

@@ -69,7 +69,7 @@ def main(argv=None):
     # the old runner prefilled the document into a cache with room for the questions, then
     # copied it to every row of each batch (the copy is part of each batch's time)
     c = KVCache.create(cfg, 1, length + room)
-    base = c.replace(k=c.k.at[:, :, :, :length].set(one.cache.k), v=c.v.at[:, :, :, :, :length].set(one.cache.v),
+    base = c.replace(k=c.k.at[:, :, :, :, :length].set(one.cache.k), v=c.v.at[:, :, :, :length].set(one.cache.v),
                      valid=c.valid.at[:, :length].set(one.cache.valid), end=one.cache.end)  # fmt: skip
 
     def tiled_cache():

@@ -306,7 +306,7 @@ def test_shared_prefix_equals_the_prefix_copied_into_every_row(tsw, scan_layers)
     c = one.cache  # the reference: the whole document cache copied into each row
     tiled = KVCache(k=jnp.repeat(c.k, b, axis=1), v=jnp.repeat(c.v, b, axis=1), valid=jnp.repeat(c.valid, b, axis=0), end=c.end)
     shared = KVCache.create(tsw.cfg, b, room, prefix=SharedPrefix.of(c))
-    assert shared.prefix.length == doc_len and shared.k.shape[3] == room
+    assert shared.prefix.length == doc_len and shared.k.shape[4] == room
     runs = {}
     for name, cache in (("tiled", tiled), ("shared", shared)):
         st = prefill(tsw, tokens, positions, valid, cache, memory, WriteControl())
@@ -318,7 +318,7 @@ def test_shared_prefix_equals_the_prefix_copied_into_every_row(tsw, scan_layers)
     np.testing.assert_array_equal(tok_s, tok_t)
     _close(st_s.logits, st_t.logits, 1e-5)
     _close(st_s.memory.S, st_t.memory.S, 1e-6)
-    assert st_s.cache.prefix is shared.prefix and st_s.cache.stack().k.shape[3] == room  # the rows hold only their own slots
+    assert st_s.cache.prefix is shared.prefix and st_s.cache.stack().k.shape[4] == room  # the rows hold only their own slots
     assert not shared.prefix.k.is_deleted()  # not donated: the next batch of questions reuses it
     with pytest.raises(ValueError, match="one-row cache"):
         SharedPrefix.of(tiled)

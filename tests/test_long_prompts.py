@@ -35,7 +35,7 @@ def _inputs(seed, b=2, t=37, kvh=2, g=3, h=8, s=19):
     valid[1, :11] = False  # a left-padded row
     cvalid = np.ones((b, s), bool)
     cvalid[0, :5] = False
-    cache = (f(b, kvh, s, h), f(b, kvh, h, s), jnp.asarray(cvalid), None)
+    cache = (f(b, kvh, h, s), f(b, kvh, s, h), jnp.asarray(cvalid), None)  # the KVCache layouts
     return f(b, t, kvh, g, h), f(b, t, kvh, h), f(b, t, kvh, h), jnp.asarray(valid), cache
 
 
@@ -43,10 +43,10 @@ def _with_prefix(cache, seed, p=13):
     """`cache` behind a shared prefix of `p` slots (two of them invalid)."""
     rng = np.random.default_rng(seed + 1)
     ck, cv, cvalid, _ = cache
-    kvh, h = ck.shape[1], ck.shape[3]
+    kvh, h = ck.shape[1], ck.shape[2]
     pvalid = np.ones(p, bool)
     pvalid[[0, 6]] = False
-    prefix = (jnp.asarray(rng.normal(size=(kvh, p, h)), jnp.float32), jnp.asarray(rng.normal(size=(kvh, h, p)), jnp.float32), jnp.asarray(pvalid))
+    prefix = (jnp.asarray(rng.normal(size=(kvh, h, p)), jnp.float32), jnp.asarray(rng.normal(size=(kvh, p, h)), jnp.float32), jnp.asarray(pvalid))
     return (ck, cv, cvalid, prefix)
 
 
@@ -55,8 +55,8 @@ def _tiled(cache):
     ck, cv, cvalid, (pk, pv, pvalid) = cache
     b = ck.shape[0]
     return (
-        jnp.concatenate([jnp.broadcast_to(pk, (b, *pk.shape)), ck], axis=2),
-        jnp.concatenate([jnp.broadcast_to(pv, (b, *pv.shape)), cv], axis=3),
+        jnp.concatenate([jnp.broadcast_to(pk, (b, *pk.shape)), ck], axis=3),
+        jnp.concatenate([jnp.broadcast_to(pv, (b, *pv.shape)), cv], axis=2),
         jnp.concatenate([jnp.broadcast_to(pvalid, (b, pvalid.shape[0])), cvalid], axis=1),
         None,
     )
@@ -129,7 +129,7 @@ def test_model_forward_blockwise_equals_dense(tsw, monkeypatch):
     real = np.asarray(valid)[:, :, None]
     np.testing.assert_allclose(np.where(real, logits, 0), np.where(real, ref_logits, 0), atol=1e-5, rtol=0)
     np.testing.assert_allclose(mem.S, ref_mem.S, atol=1e-5, rtol=0)
-    slots = np.asarray(valid)[None, :, None, :, None]  # keys of padding are never attended
+    slots = np.asarray(valid)[None, :, None, None, :]  # keys of padding are never attended (k: [l,b,k,h,s])
     np.testing.assert_allclose(np.where(slots, cache.k, 0), np.where(slots, ref_cache.k, 0), atol=1e-5, rtol=0)
 
 
@@ -147,7 +147,7 @@ def test_segmented_prefill_equals_one_prefill(tsw, segment):
     assert done == [(min(i + segment, n), n) for i in range(0, n, segment)]
     np.testing.assert_allclose(seg.memory.S, one.memory.S, atol=1e-5, rtol=0)
     np.testing.assert_allclose(seg.logits, one.logits, atol=1e-5, rtol=0)
-    slots = np.asarray(valid)[None, :, None, None, :]  # values of padding are never attended
+    slots = np.asarray(valid)[None, :, None, :, None]  # values of padding are never attended (v: [l,b,k,s,h])
     np.testing.assert_allclose(np.where(slots, seg.cache.v, 0), np.where(slots, one.cache.v, 0), atol=1e-5, rtol=0)
     np.testing.assert_array_equal(seg.positions, one.positions)
 

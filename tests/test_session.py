@@ -22,11 +22,12 @@ def test_saved_session_continues_bit_exact_in_a_new_process(tmp_path):
     """A context+memory session saved in one process and loaded in another holds the same
     memory bit for bit and continues identically (memory, KV cache, conversation). The
     backbone is a tiny Qwen3 folder (random weights, its own BPE tokenizer) with a fresh,
-    seeded δ-mem, built the same way in both processes."""
+    seeded δ-mem, built the same way in both processes. A file of the first format (the KV
+    cache's k and v with their last two axes swapped) loads and continues identically too."""
     from test_hf_folders import _save_family
 
     folder = _save_family(tmp_path / "qwen3", "qwen3")
-    path = tmp_path / "sess"
+    path, path_v1 = tmp_path / "sess", tmp_path / "sess_v1"
     build = f"""
         import hashlib, numpy as np
         import deltamem_jax as dm
@@ -41,21 +42,29 @@ def test_saved_session_continues_bit_exact_in_a_new_process(tmp_path):
         s.remember("My dog is called Pixel.")
         s.chat("Hello there")
         s.save({str(path)!r})
+        import jax.numpy as jnp
+        from deltamem_jax import session as sm
+        cache, sm.SESSION_FORMAT = s.cache.stack(), sm._SESSION_FORMAT_1
+        s.cache = cache.replace(k=jnp.swapaxes(cache.k, -1, -2), v=jnp.swapaxes(cache.v, -1, -2))
+        s.save({str(path_v1)!r})
+        s.cache, sm.SESSION_FORMAT = cache, "deltamem-jax-session/2"
         print(digest(s))
         s.remember("I live in Gdansk.")
         print(digest(s))
         print(s.ask("Where do I live?").encode().hex())
     """).splitlines()
     second = _run(build + f"""
-        s = Session.load({str(path)!r}, model, tok, max_new_tokens=4)
-        print(digest(s))
-        s.remember("I live in Gdansk.")
-        print(digest(s))
-        print(s.ask("Where do I live?").encode().hex())
+        for p in ({str(path)!r}, {str(path_v1)!r}):
+            s = Session.load(p, model, tok, max_new_tokens=4)
+            print(digest(s))
+            s.remember("I live in Gdansk.")
+            print(digest(s))
+            print(s.ask("Where do I live?").encode().hex())
     """).splitlines()
     assert len(first) == 3 and first[0] != first[1]  # the memory was written, and changed again
     assert first[0] == second[0]  # the restored memory is bit-identical
-    assert first[1:] == second[1:]  # and continues identically (memory, KV cache, conversation)
+    assert first[1:] == second[1:3]  # and continues identically (memory, KV cache, conversation)
+    assert second[3:] == second[:3]  # the format-1 file too
 
 
 @pytest.mark.slow
