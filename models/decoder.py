@@ -186,7 +186,7 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
 
 
 ATTENTION_BLOCK = 512  # prompts longer than this attend blockwise, in key blocks of this size
-QUERY_BLOCK = 256  # and query blocks of this size (`scripts/ab_prompt_attention.py`)
+QUERY_BLOCK = 128  # and query blocks of this size (`scripts/ab_prompt_attention.py`)
 
 
 def _part(blocks) -> tuple[Array, Array, Array]:
