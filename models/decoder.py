@@ -189,26 +189,21 @@ ATTENTION_BLOCK = 512  # prompts longer than this attend blockwise, in key block
 QUERY_BLOCK = 128  # and query blocks of this size (`scripts/ab_prompt_attention.py`)
 
 
-def _part(blocks) -> tuple[Array, Array, Array]:
-    """One part of a softmax computed in parts: (max, sum of exp, exp-weighted values) over
-    the key axis of its score blocks, each (scores [..., s_i] float32, values(e) → its
-    weighted values). Blocks are concatenated: for a part's small blocks (a row's own
-    cache and new tokens) one pass over them is cheaper than a merge."""
-    scores = jnp.concatenate([sc for sc, _ in blocks], axis=-1) if len(blocks) > 1 else blocks[0][0]
+def _part(scores: Array, values) -> tuple[Array, Array, Array]:
+    """One part of a softmax computed in parts (a shared prefix's): (max, sum of exp,
+    exp-weighted values) over the key axis of scores [..., s] float32, where values(e)
+    gives the weighted values of the weights e."""
     m = jnp.max(scores, axis=-1)
     e = jnp.exp(scores - m[..., None])
-    out, at = 0.0, 0
-    for sc, values in blocks:
-        out, at = out + values(e[..., at : at + sc.shape[-1]]), at + sc.shape[-1]
-    return m, jnp.sum(e, axis=-1), out
+    return m, jnp.sum(e, axis=-1), values(e)
 
 
 def _keys_major_part(blocks) -> tuple[Array, Array, Array]:
-    """`_part` for score blocks laid out keys-major, each (scores [..., s_i, q] float32,
-    values [..., h+1, s_i] with a last row of ones): the max reduces over a major axis and
-    the value product `values @ exp` also sums the weights (its last row), the two passes
-    XLA CPU is slowest at over a minor axis (see `blockwise_attention`).
-    → m, l [..., q], o [..., q, h]."""
+    """`_part` over score blocks laid out keys-major (a row's cache and new tokens), each
+    (scores [..., s_i, q] float32, values [..., h+1, s_i] with a last row of ones): the max
+    reduces over a major axis and the value product `values @ exp` also sums the weights
+    (its last row), the two passes XLA CPU is slowest at over a minor axis (see
+    `blockwise_attention`). → m, l [..., q], o [..., q, h]."""
     m = functools.reduce(jnp.maximum, [jnp.max(sc, axis=-2) for sc, _ in blocks])
     out = sum(
         jnp.einsum("...hs,...sq->...hq", v1, jnp.exp(sc - m[..., None, :]).astype(v1.dtype), preferred_element_type=jnp.float32)
@@ -242,7 +237,7 @@ def _prefix_part(q: Array, prefix) -> tuple[Array, Array, Array]:
     as one matrix, so each product is one matmul per KV head): m, l [k, n], o [k, n, h]."""
     pk, pv, pvalid = prefix  # [k,h,p], [k,p,h], [p]
     scores = jnp.einsum("knh,khs->kns", q, pk, preferred_element_type=jnp.float32)
-    return _part([(jnp.where(pvalid, scores, _MASKED), lambda e: jnp.einsum("kns,ksh->knh", e.astype(pv.dtype), pv, preferred_element_type=jnp.float32))])
+    return _part(jnp.where(pvalid, scores, _MASKED), lambda e: jnp.einsum("kns,ksh->knh", e.astype(pv.dtype), pv, preferred_element_type=jnp.float32))
 
 
 def _step_attention(qg: Array, k: Array, v: Array, valid: Array, cache) -> Array:
