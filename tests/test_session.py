@@ -44,10 +44,10 @@ def test_saved_session_continues_bit_exact_in_a_new_process(tmp_path):
         s.save({str(path)!r})
         import jax.numpy as jnp
         from deltamem_jax import session as sm
-        cache, sm.SESSION_FORMAT = s.cache.stack(), sm._SESSION_FORMAT_1
+        cache, fmt, sm.SESSION_FORMAT = s.cache.stack(), sm.SESSION_FORMAT, sm._SESSION_FORMAT_1
         s.cache = cache.replace(k=jnp.swapaxes(cache.k, -1, -2), v=jnp.swapaxes(cache.v, -1, -2))
         s.save({str(path_v1)!r})
-        s.cache, sm.SESSION_FORMAT = cache, "deltamem-jax-session/2"
+        s.cache, sm.SESSION_FORMAT = cache, fmt
         print(digest(s))
         s.remember("I live in Gdansk.")
         print(digest(s))
