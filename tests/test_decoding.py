@@ -28,8 +28,9 @@ from flax import nnx
 
 import models
 from deltamem_jax import DeltaMemConfig, MemoryState, attach, forward, load_adapter, memory_of
-from deltamem_jax.decoding import DecodeState, Sampling, bucket, decode, generate, left_pad, prefill, sample, stream
+from deltamem_jax.decoding import DecodeState, Sampling, bucket, decode, generate, greedy, left_pad, prefill, sample, stream
 from deltamem_jax.state import WriteControl
+from models.config import ModelConfig
 from models.decoder import KVCache, SharedPrefix
 
 gen_module = importlib.import_module("deltamem_jax.decoding")  # for its private `_decode_jitted`
@@ -494,6 +495,15 @@ def test_greedy_is_argmax(logits):
     chex.assert_shape(tok, (64,))
     chex.assert_type(tok, jnp.int32)
     np.testing.assert_array_equal(tok, jnp.argmax(logits, -1))
+    # argmax's rules where rows are not plain: ties (the first), NaN (the first NaN), all -inf (0)
+    odd = np.asarray(logits[:4]).copy()
+    odd[0, [3, 7]] = odd[0].max() + 1.0
+    odd[1, [5, 9]] = np.nan
+    odd[2] = -np.inf
+    odd[3, 200:] = np.inf
+    odd = jnp.asarray(odd)
+    np.testing.assert_array_equal(jax.jit(greedy)(odd), jnp.argmax(odd, -1))
+    np.testing.assert_array_equal(jnp.argmax(odd, -1), [3, 5, 0, 200])
 
 
 @pytest.mark.parametrize("temperature", [0.1, 1.0, 10.0])
@@ -564,3 +574,27 @@ def test_generate_zero_new_tokens_writes_the_prompt_only(tsw, prompts):
     assert replies == [[], []]
     state = _canonical_state(tsw, prompts)
     _close(mem.S, state.memory.S, 0.0)
+
+
+def test_decode_buffers_head_of_a_tied_embedding():
+    """Decode's buffers hold a tied embedding transposed as the LM head: decoding over
+    them equals decoding over the stacked layers with the embedding as the head."""
+    cfg = ModelConfig(
+        family="llama", vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+        num_kv_heads=2, head_dim=8, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True,
+        max_position_embeddings=128,
+    )  # fmt: skip
+    model = models.Decoder(cfg, nnx.Rngs(0))
+    head = gen_module.layer_buffers(model).head
+    chex.assert_shape(head, (cfg.hidden_size, cfg.vocab_size))
+    np.testing.assert_array_equal(head, model.embed[...].T)
+    b, t = 2, 9
+    prompt = jnp.asarray(np.random.default_rng(3).integers(1, cfg.vocab_size, (b, t)).astype(np.int32))
+
+    def fresh():
+        return prefill(model, prompt, _arange(b, t), jnp.ones((b, t), bool), KVCache.create(cfg, b, t + N_NEW), None)
+
+    scan, tok_scan, _ = decode(model, fresh(), N_NEW, scan_layers=True)
+    loop, tok_loop, _ = decode(model, fresh(), N_NEW, scan_layers=False)
+    np.testing.assert_array_equal(tok_loop, tok_scan)
+    _close(loop.logits, scan.logits, 1e-5)
