@@ -103,7 +103,7 @@ class Session:
     def reset(self) -> None:
         """Forgets everything: zero memory, empty conversation."""
         self.memory = MemoryState.zeros(self.model.cfg.num_layers, 1, self.config)
-        self.cache = KVCache.create(self.model.cfg, 1, self.max_context) if self.mode == Mode.CONTEXT_AND_MEMORY else None
+        self.cache = KVCache.create(self.model.cfg, 1, self._cache_slots(0)) if self.mode == Mode.CONTEXT_AND_MEMORY else None
         self.history: list[dict[str, str]] = []  # context+memory: the conversation in the cache
         self.fed_text = ""  # context+memory: the rendered text whose tokens are in the cache
         self.position = 0  # context+memory: RoPE position of the next token
@@ -142,7 +142,11 @@ class Session:
                 raise RuntimeError("the chat template does not extend the conversation in the cache")
             ids = self.tokenizer.encode(full[len(self.fed_text) :])
             check_context(cfg, self.position + len(ids), self.max_new_tokens if answer else 0, "conversation")
-            state, cache, memory, position = self._prefill(ids, write, self.cache, memory, self.position)
+            cache = self.cache
+            need = int(cache.end) + self._padded_len(ids) + (bucket(self.max_new_tokens) if answer else 0)
+            if need > cache.max_len:  # the conversation outgrows its cache: a larger one, up to max_context
+                cache = cache.resized(self._cache_slots(need))
+            state, cache, memory, position = self._prefill(ids, write, cache, memory, self.position)
         else:
             sys_ids, turn_ids = memory_only_turn(self.tokenizer, self.system_prompt, message, answer)
             if answer:
@@ -185,6 +189,16 @@ class Session:
                 if answer:
                     self.history.append({"role": "assistant", "content": self.tokenizer.decode(reply_ids)})
 
+    def _cache_slots(self, need: int) -> int:
+        """Slots of a context+memory session's KV cache holding `need`: 512, doubled as the
+        conversation grows, at most `max_context`. Every decode step attends over all of
+        them: a 4,096-slot cache with 64 in use decoded 1.58× slower than a 256-slot one
+        (`scripts/ab_cache_slots.py`); each new size compiles once."""
+        slots = 512
+        while slots < need:
+            slots *= 2
+        return min(slots, self.max_context)
+
     def _padded_len(self, ids: list[int]) -> int:
         """Cache slots `_prefill` uses for `ids`."""
         return prompt_length(len(ids), self.prefill_segment)
@@ -220,8 +234,8 @@ class Session:
 
         path = Path(path).absolute()
         arrays = {"memory": self.memory.S}
-        if self.cache is not None:
-            cache = self.cache.stack()  # a CPU decode leaves it per layer
+        if self.cache is not None:  # written at max_context slots (the format's shapes), its own size in meta
+            cache = self.cache.stack().resized(self.max_context)  # a CPU decode leaves it per layer
             arrays.update(cache_k=cache.k, cache_v=cache.v, cache_valid=cache.valid, cache_end=cache.end)
         meta = {
             "format": SESSION_FORMAT,
@@ -229,6 +243,7 @@ class Session:
             "mode": self.mode.value,
             "system_prompt": self.system_prompt,
             "max_context": self.max_context,
+            "cache_slots": None if self.cache is None else self.cache.max_len,
             "history": self.history,
             "fed_text": self.fed_text,
             "position": self.position,
@@ -279,7 +294,15 @@ class Session:
             k, v = arrays["cache_k"], arrays["cache_v"]
             if old_layout:  # saved with k [.., s, h] and v [.., h, s]
                 k, v = jnp.swapaxes(k, -1, -2), jnp.swapaxes(v, -1, -2)
-            session.cache = KVCache(k=k, v=v, valid=arrays["cache_valid"], end=arrays["cache_end"])
+            cache = KVCache(k=k, v=v, valid=arrays["cache_valid"], end=arrays["cache_end"])
+            slots = meta.get("cache_slots") or session.max_context  # the size it had when saved
+            if slots != cache.max_len:
+                cache = cache.resized(slots)
+                if mesh is not None:
+                    from models.sharding import cache_shardings
+
+                    cache = jax.device_put(cache, cache_shardings(cache, mesh))
+            session.cache = cache
         session.history = meta["history"]
         session.fed_text = meta["fed_text"]
         session.position = meta["position"]
@@ -288,11 +311,14 @@ class Session:
 
 
 def _restore_targets(session: Session, mesh, old_layout: bool = False) -> dict:
-    """Shapes, dtypes and shardings of a session's saved arrays (its fresh state's shapes;
-    with `old_layout`, a format-1 file's, whose cache k and v had their last two axes swapped)."""
+    """Shapes, dtypes and shardings of a session's saved arrays (its fresh state's, with
+    the cache at `max_context` slots; with `old_layout`, a format-1 file's, whose cache k
+    and v had their last two axes swapped)."""
     from jax.sharding import SingleDeviceSharding
 
-    memory, cache = session.memory, session.cache
+    memory, cache = session.memory, None
+    if session.cache is not None:
+        cache = jax.eval_shape(lambda: KVCache.create(session.model.cfg, 1, session.max_context))
     if mesh is None:
         device = SingleDeviceSharding(jax.local_devices()[0])
         memory_sh = MemoryState(S=device)

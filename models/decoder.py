@@ -118,6 +118,24 @@ class KVCache:
         """The inverse of `unstack` (a no-op on a stacked cache)."""
         return self.replace(k=jnp.stack(self.k), v=jnp.stack(self.v)) if self.per_layer else self
 
+    def resized(self, max_len: int) -> KVCache:
+        """The same cache with `max_len` slots: empty slots added, or unused ones dropped.
+        Attention reads every slot of the cache, used or not, so a cache sized to what a
+        conversation needs decodes faster than one sized to its limit (`Session`)."""
+        end = int(self.end)
+        if max_len < end:
+            raise ValueError(f"a cache of {max_len} slots cannot hold the {end} in use")
+        n = max_len - self.max_len
+
+        def fit(x, axis):  # pad with zeros, or keep the first max_len slots, along `axis`
+            if n >= 0:
+                return jnp.pad(x, [(0, n if a == axis % x.ndim else 0) for a in range(x.ndim)])
+            return jax.lax.slice_in_dim(x, 0, max_len, axis=axis)
+
+        k = tuple(fit(x, -1) for x in self.k) if self.per_layer else fit(self.k, -1)
+        v = tuple(fit(x, -2) for x in self.v) if self.per_layer else fit(self.v, -2)
+        return self.replace(k=k, v=v, valid=fit(self.valid, 1))
+
     def append(self, k: Array, v: Array, valid: Array) -> KVCache:
         """Writes new keys/values `[l, b, t, k, h]` at slot `end` (in place under donation)."""
         k = k.transpose(0, 1, 3, 4, 2).astype(self.k.dtype)  # [l, b, k, h, t]

@@ -598,3 +598,31 @@ def test_decode_buffers_head_of_a_tied_embedding():
     loop, tok_loop, _ = decode(model, fresh(), N_NEW, scan_layers=False)
     np.testing.assert_array_equal(tok_loop, tok_scan)
     _close(loop.logits, scan.logits, 1e-5)
+
+
+def test_resized_cache_keeps_its_slots_and_decodes_the_same(tsw):
+    """`KVCache.resized` adds empty slots or drops unused ones (stacked or per layer):
+    the tokens in use, and what decodes after them, stay the same."""
+    b, V = 2, tsw.cfg.vocab_size
+    prompt = jnp.asarray(np.random.default_rng(13).integers(1, V, (b, PAD_LEN)).astype(np.int32))
+    st = prefill(tsw, prompt, _arange(b, PAD_LEN), jnp.ones((b, PAD_LEN), bool), KVCache.create(tsw.cfg, b, CACHE_LEN), _zeros(tsw, b))
+    copy = functools.partial(jax.tree.map, jnp.copy)  # decode donates its state
+    ref, tok_ref, _ = decode(tsw, copy(st), N_NEW, scan_layers=False)
+    for slots in (PAD_LEN + N_NEW, 3 * CACHE_LEN):
+        cache = copy(st.cache).resized(slots)
+        assert cache.max_len == slots and int(cache.end) == PAD_LEN
+        chex.assert_shape((cache.k, cache.v), (st.cache.k.shape[:-1] + (slots,), st.cache.v.shape[:-2] + (slots, st.cache.v.shape[-1])))
+        keep = min(slots, CACHE_LEN)
+        np.testing.assert_array_equal(cache.k[..., :keep], st.cache.k[..., :keep])
+        np.testing.assert_array_equal(cache.v[..., :keep, :], st.cache.v[..., :keep, :])
+        np.testing.assert_array_equal(cache.valid[:, :keep], st.cache.valid[:, :keep])
+        assert not cache.valid[:, keep:].any()
+        out, tok, _ = decode(tsw, copy(st).replace(cache=cache), N_NEW, scan_layers=False)
+        np.testing.assert_array_equal(tok, tok_ref)
+        _close(out.logits, ref.logits, 1e-5)
+        _close(out.memory.S, ref.memory.S, 1e-6)
+    per_layer = ref.cache.resized(2 * CACHE_LEN)  # a CPU decode leaves it per layer
+    assert per_layer.per_layer and per_layer.max_len == 2 * CACHE_LEN
+    np.testing.assert_array_equal(per_layer.stack().k[..., :CACHE_LEN], ref.cache.stack().k)
+    with pytest.raises(ValueError, match="cannot hold"):
+        st.cache.resized(PAD_LEN - 1)

@@ -102,3 +102,24 @@ def test_context_too_long_is_a_clear_error():
     s = Session.default("context+memory", max_new_tokens=4, max_context=64)
     with pytest.raises(ValueError, match="do not fit"):
         s.remember("word " * 200)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_context_cache_grows_with_the_conversation(tmp_path):
+    """A context+memory session's KV cache starts at 512 slots and doubles when a turn
+    needs more (every decode step attends over all its slots); a saved session comes back
+    with the size it had, and answers as it would have."""
+    from deltamem_jax import Session
+
+    s = Session.default("context+memory", max_new_tokens=4, max_context=4096)
+    assert s.cache.max_len == 512
+    s.chat("Hello there")
+    assert s.cache.max_len == 512 and 0 < int(s.cache.end) < 512
+    s.remember("My dog is called Pixel. " + "word " * 700)  # ~720 tokens, padded to 768 slots
+    assert s.cache.max_len == 1024 and 512 < int(s.cache.end) <= 1024
+    s.save(tmp_path / "sess")
+    t = Session.load(tmp_path / "sess", s.model, s.tokenizer, max_new_tokens=4)
+    assert t.cache.max_len == 1024 and int(t.cache.end) == int(s.cache.end)
+    np.testing.assert_array_equal(t.cache.stack().k, s.cache.stack().k)
+    assert t.ask("What is my dog called?") == s.ask("What is my dog called?")
