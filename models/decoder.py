@@ -266,8 +266,8 @@ def _step_attention(qg: Array, k: Array, v: Array, valid: Array, cache) -> Array
     a `t` axis in the products, or the token's own score concatenated to the cache's, it
     transposed each layer's keys every step), and the vector-matrix products ran faster
     than the group's `[g, h] @ [h, s]` matmuls although each reads the cache once per query
-    head (30 layers on the AMD EPYC: 16.87 against 13.83 ms at b=8 over 528 slots, 8.96
-    against 8.73 at b=1 over 2,064, `scripts/ab_step_attention.py`)."""
+    head (30 layers on the AMD EPYC: 17.30 against 15.18 ms at b=8 over 528 slots, 11.25
+    against 8.69 at b=1 over 2,064, `scripts/ab_cache_layout.py`)."""
     b, _, kvh, g, h = qg.shape
     if cache is None:  # the token attends to itself alone
         return jnp.broadcast_to(v[:, :, :, None, :], qg.shape).astype(qg.dtype)

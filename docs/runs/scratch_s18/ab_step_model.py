@@ -5,7 +5,7 @@ import jax, jax.numpy as jnp, numpy as np
 import models.decoder as dec
 if os.environ.get("STEP") == "grouped":
     sys.path.insert(0, "scripts")
-    from ab_step_attention import grouped
+    from ab_cache_layout import grouped
     def step(qg, k, v, valid, cache):
         ck, cv, cvalid, prefix = cache
         assert prefix is None
