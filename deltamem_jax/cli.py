@@ -15,15 +15,16 @@ def _sampling(args) -> Sampling:
     return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
 
-def load_backbone(model: str | None = None, dtype: str = "float32"):
-    """(model, tokenizer) from a HF folder or a GGUF file (default: embedded SmolLM2)."""
+def load_backbone(model: str | None = None, dtype: str = "float32", attention: str = "auto"):
+    """(model, tokenizer) from a HF folder or a GGUF file (default: embedded SmolLM2);
+    `attention` as `ModelConfig.attention`."""
     from models.loading import load_gguf, load_pretrained
     from models.tokenizer import Tokenizer
 
     if model is None or str(model).endswith(".gguf"):
-        backbone, _, tok = load_gguf(model, dtype=dtype)
+        backbone, _, tok = load_gguf(model, dtype=dtype, attention=attention)
     else:
-        backbone, _ = load_pretrained(model, dtype=dtype)
+        backbone, _ = load_pretrained(model, dtype=dtype, attention=attention)
         tok = Tokenizer.from_pretrained(model)
     return backbone, tok
 

@@ -364,7 +364,8 @@ def model_fingerprint(model: Decoder) -> dict[str, str]:
     """Identifies the backbone (config + a sample of weights) and the adapter (all of it)."""
     import dataclasses
 
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(model.cfg), sort_keys=True, default=str).encode())
+    identity = {k: v for k, v in dataclasses.asdict(model.cfg).items() if k != "attention"}  # a runtime choice
+    h = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
     for w in (model.embed[...][:256], model.final_norm[...], model.layers.input_norm[...]):
         h.update(np.asarray(w, np.float32).tobytes())
     a = hashlib.sha256(json.dumps(memory_of(model).config.to_official(), sort_keys=True).encode())

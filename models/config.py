@@ -13,6 +13,7 @@ from unittest import mock
 import jax.numpy as jnp
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "smollm3")
+ATTENTION = ("auto", "blockwise", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,10 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     dtype: str = "float32"  # weights and activations; the memory is always float32
+    # Prompt attention (a runtime choice, not part of the checkpoint): "blockwise" (this
+    # package's XLA code, any backend), "cudnn" (`jax.nn.dot_product_attention`'s cuDNN flash
+    # kernel: a CUDA GPU and bfloat16), or "auto" (cuDNN where it applies, else blockwise).
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.family not in SUPPORTED:
@@ -50,6 +55,11 @@ class ModelConfig:
             raise ValueError(f"rope_layers has {len(self.rope_layers)} entries for {self.num_layers} layers")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, got {self.attention!r}")
+        if self.attention == "cudnn" and (self.dtype != "bfloat16" or self.head_dim % 8 or self.head_dim > 256):
+            raise ValueError(f"attention='cudnn' needs dtype bfloat16 (cuDNN has no float32 kernel) and a head_dim that is a "
+                             f"multiple of 8 up to 256 (128 before Hopper); got dtype {self.dtype}, head_dim {self.head_dim}")  # fmt: skip
 
     @property
     def jnp_dtype(self):
@@ -64,7 +74,7 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     @classmethod
-    def from_hf(cls, raw: Mapping[str, Any] | Any, dtype: str = "float32") -> ModelConfig:
+    def from_hf(cls, raw: Mapping[str, Any] | Any, dtype: str = "float32", attention: str = "auto") -> ModelConfig:
         """From a Hugging Face `config.json` dict (or a transformers config), read through
         `transformers.AutoConfig`: its defaults per model type, RoPE in the v5 `rope_parameters` or
         the v4 `rope_theta` + `rope_scaling` form (`rope_type` or the older `type`)."""
@@ -105,16 +115,17 @@ class ModelConfig:
             bos_token_id=c.bos_token_id,
             eos_token_ids=() if eos is None else tuple(eos) if isinstance(eos, list) else (eos,),
             dtype=dtype,
+            attention=attention,
         )
 
     @classmethod
-    def load(cls, path: str | Path, dtype: str = "float32") -> ModelConfig:
+    def load(cls, path: str | Path, dtype: str = "float32", attention: str = "auto") -> ModelConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json at {path}")
-        return cls.from_hf(json.loads(path.read_text()), dtype=dtype)
+        return cls.from_hf(json.loads(path.read_text()), dtype=dtype, attention=attention)
 
 
 def import_transformers():

@@ -406,6 +406,62 @@ def blockwise_attention(
     return out[:, :t]
 
 
+def fused_attention(qg: Array, k: Array, v: Array, valid: Array, cache, implementation: str = "cudnn") -> Array:
+    """`dense_attention` through `jax.nn.dot_product_attention`, the platform's fused kernel
+    (`implementation="cudnn"`: cuDNN's flash attention on a CUDA GPU, bfloat16). Same
+    arguments and result. The prefix, the cache's slots and the new tokens become one key
+    sequence `[b, s, k, h]` with a boolean mask of what each query may see (cuDNN turns it
+    into a bias). Queries and keys are padded to even counts with masked entries: cuDNN's
+    backward with a bias refuses odd lengths, and training differentiates through prompts.
+    With `implementation="xla"` it runs on any backend: the tests check this layout and
+    mask against `dense_attention` on the CPU."""
+    b, t, kvh, g, h = qg.shape
+    dt = qg.dtype
+    keys, values, masks = [], [], []  # [b,s_i,k,h] each; masks [b,t,s_i]
+    if cache is not None:
+        ck, cv, cvalid, prefix = cache
+        if prefix is not None:
+            pk, pv, pvalid = prefix  # [k,h,p], [k,p,h], [p]
+            p = pvalid.shape[0]
+            keys.append(jnp.broadcast_to(pk.transpose(2, 0, 1), (b, p, kvh, h)))
+            values.append(jnp.broadcast_to(pv.transpose(1, 0, 2), (b, p, kvh, h)))
+            masks.append(jnp.broadcast_to(pvalid, (b, t, p)))
+        keys.append(ck.transpose(0, 3, 1, 2))  # [b,k,h,s] → [b,s,k,h]
+        values.append(cv.transpose(0, 2, 1, 3))  # [b,k,s,h] → [b,s,k,h]
+        masks.append(jnp.broadcast_to(cvalid[:, None, :], (b, t, cvalid.shape[1])))
+    keys.append(k)
+    values.append(v)
+    masks.append(jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :])
+    s = sum(x.shape[1] for x in keys)
+    if s % 2:  # one more key slot, masked
+        keys.append(jnp.zeros((b, 1, kvh, h), k.dtype))
+        values.append(jnp.zeros((b, 1, kvh, h), v.dtype))
+        masks.append(jnp.zeros((b, t, 1), bool))
+    mask = jnp.concatenate(masks, axis=-1)
+    q = qg.reshape(b, t, kvh * g, h)  # query head i·g + j uses KV head i, as jax's GQA does
+    if t % 2:  # one more query row, masked out and dropped
+        q = jnp.concatenate([q, jnp.zeros((b, 1, kvh * g, h), dt)], axis=1)
+        mask = jnp.concatenate([mask, jnp.zeros((b, 1, mask.shape[-1]), bool)], axis=1)
+    out = jax.nn.dot_product_attention(
+        q, jnp.concatenate(keys, axis=1).astype(dt), jnp.concatenate(values, axis=1).astype(dt),
+        mask=mask[:, None], scale=1.0, implementation=implementation,  # qg comes scaled
+    )  # fmt: skip
+    return out[:, :t].reshape(b, t, kvh, g, h)
+
+
+def prompt_attention_kind(cfg: ModelConfig) -> str:
+    """`cfg.attention` resolved for the default backend: "cudnn" on a GPU when the dtype
+    and head size allow it ("auto"), else "blockwise". TPUs keep the blockwise XLA path:
+    `jax.nn.dot_product_attention` has no TPU kernel, and Pallas' TPU flash attention
+    neither shares KV heads nor offsets its causal mask by a cache."""
+    on_gpu = jax.default_backend() == "gpu"
+    if cfg.attention == "cudnn" and not on_gpu:
+        raise ValueError(f"attention='cudnn' needs a CUDA GPU; the default JAX backend is {jax.default_backend()!r}")
+    if cfg.attention == "auto":
+        return "cudnn" if on_gpu and cfg.dtype == "bfloat16" and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128 else "blockwise"
+    return cfg.attention
+
+
 class Attention(nnx.Module):
     """Frozen grouped-query attention, split in steps so δ-mem can correct q/k/v/o."""
 
@@ -494,7 +550,9 @@ class Attention(nnx.Module):
             ck = jax.lax.dynamic_update_slice(cache.k, (k.transpose(0, 2, 3, 1) + zero).astype(cache.k.dtype), (0, 0, 0, cache.end))
             cv = jax.lax.dynamic_update_slice(cache.v, (v.transpose(0, 2, 1, 3) + zero).astype(cache.v.dtype), (0, 0, cache.end, 0))
             return out.reshape(b, t, n, h), (ck, cv)
-        if t > ATTENTION_BLOCK:  # long prompts: never a [t, t] score matrix
+        if t > 1 and prompt_attention_kind(self.cfg) == "cudnn":
+            out = fused_attention(qg, k, v, valid, cache, "cudnn")
+        elif t > ATTENTION_BLOCK:  # long prompts: never a [t, t] score matrix
             out = blockwise_attention(qg, k, v, valid, cache, ATTENTION_BLOCK, QUERY_BLOCK)
         else:
             out = dense_attention(qg, k, v, valid, cache)

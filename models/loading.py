@@ -146,10 +146,11 @@ def read_safetensors(folder: Path) -> dict[str, jax.Array]:
     return out
 
 
-def load_pretrained(folder: str | Path, dtype: str = "float32") -> tuple[Decoder, ModelConfig]:
-    """A Hugging Face checkpoint folder (config.json + safetensors) → (Decoder, config)."""
+def load_pretrained(folder: str | Path, dtype: str = "float32", attention: str = "auto") -> tuple[Decoder, ModelConfig]:
+    """A Hugging Face checkpoint folder (config.json + safetensors) → (Decoder, config);
+    `attention` as `ModelConfig.attention`."""
     folder = Path(folder)
-    cfg = ModelConfig.load(folder, dtype=dtype)
+    cfg = ModelConfig.load(folder, dtype=dtype, attention=attention)
     return build_decoder(cfg, read_safetensors(folder)), cfg
 
 
@@ -170,14 +171,14 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
 __all__ = ["build_decoder", "load_pretrained", "read_safetensors", "weight_table"]
 
 
-def load_gguf(path: str | Path | None = None, dtype: str = "float32"):
+def load_gguf(path: str | Path | None = None, dtype: str = "float32", attention: str = "auto"):
     """A llama GGUF file (default: the embedded SmolLM2-135M-Instruct) → (Decoder, config, Tokenizer).
 
-    Quantized tensors are dequantized to `dtype`; no torch needed.
+    Quantized tensors are dequantized to `dtype`; no torch needed. `attention` as `ModelConfig.attention`.
     """
     from models.gguf import read_gguf
     from models.tokenizer import Tokenizer
 
     checkpoint = read_gguf(path)
-    cfg = ModelConfig.from_hf(checkpoint.config, dtype=dtype)
+    cfg = ModelConfig.from_hf(checkpoint.config, dtype=dtype, attention=attention)
     return build_decoder(cfg, checkpoint.tensors), cfg, Tokenizer.from_gguf(checkpoint)

@@ -10,6 +10,8 @@ Rows:
   decode   tokens/s of the compiled decode loop at batch 1 and 32, with δ-mem, on the
            SmolLM2-135M and Qwen3-0.6B shapes with random weights (bf16 backbone on an
            accelerator), after a 128-token prefill;
+  prefill  tokens/s of an 8,192-token prefill on the SmolLM2-135M shape with δ-mem, prompt
+           attention blockwise (XLA) against "auto" (cuDNN's fused kernel on a GPU, bf16);
   write    tokens/s of one layer's memory write, token scan vs chunked (the accelerator
            default), at 1k, 8k and 64k tokens;
   train    tokens/s of the train step on the SmolLM2 shape (official protocol, batch 8,
@@ -41,7 +43,7 @@ from deltamem_jax.delta_rule import write_chunked, write_scan  # noqa: E402
 from deltamem_jax.training.batches import Layout  # noqa: E402
 from deltamem_jax.training.step import OptimConfig, make_optimizer, make_train_step, split_model  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
-from models.decoder import KVCache  # noqa: E402
+from models.decoder import KVCache, prompt_attention_kind  # noqa: E402
 
 QWEN3_06B = dict(
     family="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_layers=28, num_heads=16,
@@ -52,7 +54,8 @@ TINY = dict(
     num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True,
 )  # fmt: skip
 # (the multi-device tests run on virtual CPU devices anywhere: not part of this check)
-TESTS = ["tests/test_delta_rule.py", "tests/test_dtypes.py", "tests/test_decoding.py", "tests/test_memory.py"]
+TESTS = ["tests/test_delta_rule.py", "tests/test_dtypes.py", "tests/test_decoding.py", "tests/test_memory.py",
+         "tests/test_long_prompts.py::test_cudnn_attention_equals_dense_in_bfloat16", "tests/test_long_prompts.py::test_prompt_attention_choice"]  # fmt: skip
 
 
 def timed(fn, repeats: int = 3) -> float:
@@ -66,9 +69,23 @@ def timed(fn, repeats: int = 3) -> float:
     return best
 
 
-def model_with_memory(shape: dict, dtype: str) -> models.Decoder:
-    model = models.Decoder(ModelConfig(**shape, dtype=dtype), nnx.Rngs(0))
+def model_with_memory(shape: dict, dtype: str, attention: str = "auto") -> models.Decoder:
+    model = models.Decoder(ModelConfig(**shape, dtype=dtype, attention=attention), nnx.Rngs(0))
     return dm.attach(model, dm.DeltaMemConfig())
+
+
+def prefill_rate(model: models.Decoder, tokens: int) -> float:
+    """Prefill tokens/s of one `tokens`-long prompt (segments of 2,048)."""
+    cfg = model.cfg
+    ids = jax.random.randint(jax.random.key(0), (1, tokens), 0, cfg.vocab_size)
+    positions, valid = jnp.arange(tokens)[None], jnp.ones((1, tokens), bool)
+
+    def run():
+        cache = KVCache.create(cfg, 1, tokens)
+        memory = dm.MemoryState.zeros(cfg.num_layers, 1, dm.memory_of(model).config)
+        return prefill(model, ids, positions, valid, cache, memory, segment=2048).logits
+
+    return tokens / timed(run, repeats=2)
 
 
 def decode_rate(model: models.Decoder, batch: int, prompt: int, steps: int) -> float:
@@ -139,6 +156,14 @@ def main() -> int:
         model = model_with_memory(shape, dtype)
         for batch in (1, 4) if a.tiny else (1, 32):
             rows.append(("decode", f"{name}, batch {batch}, {steps} tokens after {prompt}", f"{decode_rate(model, batch, prompt, steps):,.0f} tokens/s"))
+        del model
+
+    prefill_tokens = 256 if a.tiny else 8192
+    for attention in ("blockwise", "auto"):
+        model = model_with_memory(TINY if a.tiny else SMOLLM2, dtype, attention)
+        kind = prompt_attention_kind(model.cfg)
+        rows.append(("prefill", f"{'tiny' if a.tiny else 'SmolLM2-135M'}, {prefill_tokens} tokens, attention {attention} ({kind})",
+                     f"{prefill_rate(model, prefill_tokens):,.0f} tokens/s"))  # fmt: skip
         del model
 
     lengths = (256, 1024) if a.tiny else (1024, 8192, 65536)

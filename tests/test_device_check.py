@@ -20,7 +20,7 @@ def test_device_check_tiny_prints_its_table():
     assert lines[0].startswith("device: ") and "TINY" in lines[0]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| ") and not line.startswith("| check")]
     checks = [r[0] for r in rows]
-    assert checks == ["tests", "decode", "decode", "write", "write", "write", "write", "train"]
+    assert checks == ["tests", "decode", "decode", "prefill", "prefill", "write", "write", "write", "write", "train"]
     for check, setting, result in rows[1:]:
         rate = re.fullmatch(r"([\d,]+) tokens/s", result)
         assert rate and int(rate.group(1).replace(",", "")) > 0, (check, setting, result)

@@ -19,7 +19,7 @@ from deltamem_jax.decoding import ContextWindowError, generate, left_pad, prefil
 from deltamem_jax.state import MemoryState, WriteControl
 from models import decoder
 from models.config import ModelConfig
-from models.decoder import KVCache, blockwise_attention, dense_attention
+from models.decoder import KVCache, blockwise_attention, dense_attention, fused_attention
 
 TINY = ModelConfig(
     family="llama", vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -88,6 +88,67 @@ def test_blockwise_attention_equals_dense(block, query_block, with_cache):
     np.testing.assert_allclose(np.where(real, out, 0), np.where(real, ref, 0), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("t", [37, 6, 2])
+@pytest.mark.parametrize("with_cache", ["none", "cache", "prefix"])
+def test_fused_attention_equals_dense(t, with_cache):
+    """The fused path's key sequence and mask (`jax.nn.dot_product_attention`, run here with
+    its XLA implementation): GQA, a padded row, a partly invalid cache, a shared prefix, odd
+    and even lengths (padded to even for cuDNN)."""
+    qg, k, v, valid, cache = _inputs(t, t=t)
+    valid = valid.at[1, : t // 3].set(False)
+    cache = {"none": None, "cache": cache, "prefix": _with_prefix(cache, t)}[with_cache]
+    ref = dense_attention(qg, k, v, valid, cache)
+    out = fused_attention(qg, k, v, valid, cache, implementation="xla")
+    assert out.shape == ref.shape
+    real = np.asarray(valid)[:, :, None, None, None]
+    np.testing.assert_allclose(np.where(real, out, 0), np.where(real, ref, 0), atol=1e-5, rtol=0)
+
+
+def test_fused_attention_gradients_equal_dense():
+    qg, k, v, valid, cache = _inputs(3, t=9)
+    w = jnp.asarray(np.asarray(valid), jnp.float32)[:, :, None, None, None]
+
+    def loss(fn, qg, k, v):
+        return jnp.sum(jnp.sin(fn(qg, k, v)) * w)
+
+    ref = jax.grad(lambda *a: loss(lambda q, k, v: dense_attention(q, k, v, valid, cache), *a), argnums=(0, 1, 2))(qg, k, v)
+    out = jax.grad(lambda *a: loss(lambda q, k, v: fused_attention(q, k, v, valid, cache, "xla"), *a), argnums=(0, 1, 2))(qg, k, v)
+    for a, b in zip(out, ref):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention needs a CUDA GPU")
+@pytest.mark.parametrize("with_cache", ["none", "cache", "prefix"])
+def test_cudnn_attention_equals_dense_in_bfloat16(with_cache):
+    """cuDNN's kernel (bfloat16 only: it has no float32 kernel) against the float32 reference on
+    the same bfloat16 inputs, within bfloat16's rounding of the output."""
+    qg, k, v, valid, cache = _inputs(5, t=64, h=64)
+    cache = {"none": None, "cache": cache, "prefix": _with_prefix(cache, 5)}[with_cache]
+    bf = lambda x: x.astype(jnp.bfloat16)  # noqa: E731
+    qg, k, v = bf(qg), bf(k), bf(v)
+    cache = None if cache is None else jax.tree.map(lambda x: bf(x) if x.dtype == jnp.float32 else x, cache)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    ref = dense_attention(f32(qg), f32(k), f32(v), valid, None if cache is None else jax.tree.map(lambda x: f32(x) if x.dtype == jnp.bfloat16 else x, cache))
+    out = jax.jit(fused_attention, static_argnums=5)(qg, k, v, valid, cache, "cudnn")
+    real = np.asarray(valid)[:, :, None, None, None]
+    np.testing.assert_allclose(np.where(real, f32(out), 0), np.where(real, ref, 0), atol=2e-2, rtol=0)
+
+
+def test_prompt_attention_choice():
+    gpu = jax.default_backend() == "gpu"
+    bf16 = dataclasses.replace(TINY, dtype="bfloat16")
+    assert decoder.prompt_attention_kind(TINY) == "blockwise"  # float32: cuDNN has no kernel for it
+    assert decoder.prompt_attention_kind(bf16) == ("cudnn" if gpu else "blockwise")
+    assert decoder.prompt_attention_kind(dataclasses.replace(bf16, attention="blockwise")) == "blockwise"
+    with pytest.raises(ValueError, match="needs dtype bfloat16"):
+        dataclasses.replace(TINY, attention="cudnn")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        dataclasses.replace(TINY, attention="flash")
+    if not gpu:
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            decoder.prompt_attention_kind(dataclasses.replace(bf16, attention="cudnn"))
+
+
 def test_blockwise_attention_gradients_equal_dense():
     """Training differentiates through long write passes: same gradients as dense."""
     qg, k, v, valid, _ = _inputs(1)
@@ -150,6 +211,34 @@ def test_segmented_prefill_equals_one_prefill(tsw, segment):
     slots = np.asarray(valid)[None, :, None, :, None]  # values of padding are never attended (v: [l,b,k,s,h])
     np.testing.assert_allclose(np.where(slots, seg.cache.v, 0), np.where(slots, one.cache.v, 0), atol=1e-5, rtol=0)
     np.testing.assert_array_equal(seg.positions, one.positions)
+
+
+def test_segmented_prefill_through_the_fused_path_equals_one_prefill(tsw, monkeypatch):
+    """The model routed through `fused_attention` (what a GPU gets, run here with
+    `jax.nn.dot_product_attention`'s XLA implementation), in segments of 16 with padding in
+    the first: the same cache, logits and memory as one prefill through the default path."""
+    n = 48
+    tokens, positions, valid = left_pad(_prompts([43, 29], seed=1), n)
+    memory = MemoryState.zeros(TINY.num_layers, 2, dm.memory_of(tsw).config)
+    one = prefill(tsw, tokens, positions, valid, KVCache.create(TINY, 2, n), memory, segment=n)
+    fused, traced = decoder.fused_attention, []
+
+    def on_cpu(qg, k, v, valid, cache, implementation):
+        traced.append(implementation)
+        return fused(qg, k, v, valid, cache, "xla")
+
+    monkeypatch.setattr(decoder, "prompt_attention_kind", lambda cfg: "cudnn")
+    monkeypatch.setattr(decoder, "fused_attention", on_cpu)
+    jax.clear_caches()  # compiled prefills of these shapes would skip the patched path
+    try:
+        seg = prefill(tsw, tokens, positions, valid, KVCache.create(TINY, 2, n), memory, segment=16)
+    finally:
+        jax.clear_caches()
+    assert traced and set(traced) == {"cudnn"}
+    np.testing.assert_allclose(seg.memory.S, one.memory.S, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(seg.logits, one.logits, atol=1e-5, rtol=0)
+    slots = np.asarray(valid)[None, :, None, :, None]
+    np.testing.assert_allclose(np.where(slots, seg.cache.v, 0), np.where(slots, one.cache.v, 0), atol=1e-5, rtol=0)
 
 
 def test_generate_long_prompt_segments_and_matches(tsw):

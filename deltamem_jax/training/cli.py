@@ -13,6 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics, plot, adapter); rerun to resume")
     p.add_argument("--model", help="HF checkpoint folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="backbone dtype (float32 on CPU: XLA CPU bf16 matmuls are ~8x slower)")
+    p.add_argument("--attention", default="auto", choices=["auto", "blockwise", "cudnn"],
+                   help="prompt attention: auto = cuDNN's fused kernel on a GPU with --dtype bfloat16, else blockwise")
     p.add_argument("--protocol", default="session", choices=["session", "official"])
     p.add_argument("--steps", type=int, default=2000, help="optimizer updates")
     p.add_argument("--batch-size", type=int, default=8, help="episodes per micro-batch")
@@ -103,7 +105,7 @@ def run(a) -> int:
     from deltamem_jax.training.loop import train
 
     distributed.initialize(a)  # every process runs this same command; process 0 reports
-    model, tok = load_backbone(a.model, a.dtype)
+    model, tok = load_backbone(a.model, a.dtype, a.attention)
     config = config_from_args(a, model.cfg.num_layers)
     command = "deltamem-jax train " + " ".join(shlex.quote(x) for x in sys.argv[2 if sys.argv[1:2] == ["train"] else 1 :])
     summary = train(config, a.out, model, tok, init_adapter=a.init_adapter, stop_after=a.stop_after, time_limit=a.time_limit,
