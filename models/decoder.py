@@ -454,11 +454,12 @@ def prompt_attention_kind(cfg: ModelConfig) -> str:
     and head size allow it ("auto"), else "blockwise". TPUs keep the blockwise XLA path:
     `jax.nn.dot_product_attention` has no TPU kernel, and Pallas' TPU flash attention
     neither shares KV heads nor offsets its causal mask by a cache."""
-    on_gpu = jax.default_backend() == "gpu"
-    if cfg.attention == "cudnn" and not on_gpu:
-        raise ValueError(f"attention='cudnn' needs a CUDA GPU; the default JAX backend is {jax.default_backend()!r}")
+    client = jax.devices()[0].client
+    on_cuda = jax.default_backend() == "gpu" and "rocm" not in f"{client.platform} {client.platform_version}".lower()
+    if cfg.attention == "cudnn" and not on_cuda:
+        raise ValueError(f"attention='cudnn' needs a CUDA GPU; the default JAX backend is {client.platform!r}")
     if cfg.attention == "auto":
-        return "cudnn" if on_gpu and cfg.dtype == "bfloat16" and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128 else "blockwise"
+        return "cudnn" if on_cuda and cfg.dtype == "bfloat16" and cfg.head_dim % 8 == 0 and cfg.head_dim <= 128 else "blockwise"
     return cfg.attention
 
 
