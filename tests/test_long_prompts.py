@@ -121,7 +121,8 @@ def test_fused_attention_gradients_equal_dense():
 @pytest.mark.parametrize("with_cache", ["none", "cache", "prefix"])
 def test_cudnn_attention_equals_dense_in_bfloat16(with_cache):
     """cuDNN's kernel (bfloat16 only: it has no float32 kernel) against the float32 reference on
-    the same bfloat16 inputs, within bfloat16's rounding of the output."""
+    the same bfloat16 inputs, within bfloat16's rounding of the output and of the weights
+    cuDNN rounds to bfloat16 before the value product."""
     qg, k, v, valid, cache = _inputs(5, t=64, h=64)
     cache = {"none": None, "cache": cache, "prefix": _with_prefix(cache, 5)}[with_cache]
     bf = lambda x: x.astype(jnp.bfloat16)  # noqa: E731
@@ -131,7 +132,7 @@ def test_cudnn_attention_equals_dense_in_bfloat16(with_cache):
     ref = dense_attention(f32(qg), f32(k), f32(v), valid, None if cache is None else jax.tree.map(lambda x: f32(x) if x.dtype == jnp.bfloat16 else x, cache))
     out = jax.jit(fused_attention, static_argnums=5)(qg, k, v, valid, cache, "cudnn")
     real = np.asarray(valid)[:, :, None, None, None]
-    np.testing.assert_allclose(np.where(real, f32(out), 0), np.where(real, ref, 0), atol=2e-2, rtol=0)
+    np.testing.assert_allclose(np.where(real, f32(out), 0), np.where(real, ref, 0), atol=2e-2, rtol=1e-2)  # bf16: 8 mantissa bits
 
 
 def test_prompt_attention_choice():
