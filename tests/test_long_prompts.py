@@ -117,7 +117,10 @@ def test_fused_attention_gradients_equal_dense():
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention needs a CUDA GPU")
+_CUDA = jax.default_backend() == "gpu" and "rocm" not in jax.devices()[0].client.platform_version.lower()
+
+
+@pytest.mark.skipif(not _CUDA, reason="cuDNN's fused attention needs a CUDA GPU")
 @pytest.mark.parametrize("with_cache", ["none", "cache", "prefix"])
 def test_cudnn_attention_equals_dense_in_bfloat16(with_cache):
     """cuDNN's kernel (bfloat16 only: it has no float32 kernel) against the float32 reference on
@@ -136,7 +139,7 @@ def test_cudnn_attention_equals_dense_in_bfloat16(with_cache):
 
 
 def test_prompt_attention_choice():
-    gpu = jax.default_backend() == "gpu"
+    gpu = _CUDA
     bf16 = dataclasses.replace(TINY, dtype="bfloat16")
     assert decoder.prompt_attention_kind(TINY) == "blockwise"  # float32: cuDNN has no kernel for it
     assert decoder.prompt_attention_kind(bf16) == ("cudnn" if gpu else "blockwise")
