@@ -8,7 +8,7 @@ embedded GGUF, dequantized to float32):
   jax/tsw     δ-mem TSW  (DeltaMemConfig())
   jax/msw     δ-mem MSW  (DeltaMemConfig(num_state_heads=4))
   torch       transformers' `generate` (PyTorch, CPU, greedy, KV cache, 2 threads) on the
-              plain model loaded from the same GGUF
+              plain model, its weights dequantized from the same GGUF
 
 Methods (also written into the JSON):
 
@@ -28,7 +28,7 @@ Methods (also written into the JSON):
   Any timed call during which such an event fired is discarded and rerun (counted in
   the JSON as `discarded_runs_with_compilation`).
 * Quick grid (--quick, every cell measured, within 5 min on a quiet 2-core machine): b=1
-  and b=8 at T=512, b=1 at T=2048; 16 decode steps per call, 5 decode rounds, 3/2/2
+  and b=8 at T=512, b=1 at T=2048; 16 decode steps per call, 5 decode rounds, 3/1/2
   prefill runs, torch best of 2. The run says whether it stayed within the 300 s limit.
   Long (--long): b=1 at T=8176 (SmolLM2's 8,192-token window minus 16 decode steps).
   Full grid: b ∈ {1, 8} × T ∈ {512, 2048}; 64 decode steps, 6 decode rounds, 3/2/2/1
@@ -36,7 +36,8 @@ Methods (also written into the JSON):
   machine: each variant is more likely to get at least one undisturbed run (b=8 decode
   varies ±15% run to run here even with no other process running).
 * Repeats: each figure is the best (minimum time) of its timed runs (decode: `repeats`
-  rounds; prefill: fewer for the long shapes, see `settings.prefill_repeats`); within a shape
+  rounds; prefill: fewer for the long shapes, see `settings.prefill_repeats`, and where
+  only one, after an untimed prefill of the first variant); within a shape
   the rounds interleave the variants (the order rotates each round) so slow phases of a
   shared machine hit every variant alike. All raw times are in the JSON.
 * torch: one `generate(max_new_tokens=steps+1, min_new_tokens=steps+1)` per repeat, with
@@ -51,9 +52,11 @@ Methods (also written into the JSON):
   /proc and reported in cores ("other procs"); figures from windows above ~0.25 cores are
   disturbed (torch's OpenMP decode degrades by 10-50x under contention, JAX far less).
 * Roofline: the bandwidth a plain jitted `x @ W` reaches (W the 113 MB LM-head shape,
-  measured at the start and at the end of the run, the better of the two); a decode's
-  fraction of it = steps/s × bytes one step must stream (every weight once, the tied
-  embedding as the LM head, plus the KV cache) ÷ bandwidth.
+  best of 10 calls), probed just before every timed decode round, since what the machine
+  gives a process swings from moment to moment (29–46 GB/s a few seconds apart on the AMD
+  EPYC); a round's fraction = steps/s × bytes one step must stream (every weight once, the
+  tied embedding as the LM head, plus the KV cache) ÷ its probe; a decode's fraction is
+  the median over its rounds. The bandwidth at the start and the end (best of 30) is printed.
 * Peak RSS per prefill: the process's peak resident memory (VmHWM, reset through
   /proc/self/clear_refs before each prefill), with the growth over the resident memory
   before it (+Δ); torch's covers its whole generate() call.
@@ -138,8 +141,35 @@ def prompt_ids(seed: int, b: int, t: int, vocab: int):
 # ------------------------------------------------------------------------ torch worker
 
 
+def torch_model_from_gguf(torch, transformers):
+    """transformers' `LlamaForCausalLM` (float32) on the embedded GGUF's weights, dequantized by
+    `models.gguf.read_gguf` as our loader does: the same numbers `from_pretrained(gguf_file=)`
+    gives (checked: equal weights and logits), in 12 s instead of 21 s here, which `--quick`'s
+    5 minutes need. Raises unless every weight but a tied LM head was loaded."""
+    import contextlib
+
+    import numpy as np
+
+    from models.gguf import read_gguf
+
+    try:
+        from transformers.initialization import no_init_weights  # the random init is wasted work
+    except ImportError:
+        no_init_weights = contextlib.nullcontext
+    ck = read_gguf()
+    config = transformers.AutoConfig.for_model(**ck.config)
+    with no_init_weights():
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    weights = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in ck.tensors.items()}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or set(missing) - ({"lm_head.weight"} if config.tie_word_embeddings else set()):
+        raise ValueError(f"GGUF weights do not fit {type(model).__name__}: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    return model.eval()
+
+
 def torch_worker() -> None:
-    """Loads the GGUF into transformers, then answers one JSON request per stdin line."""
+    """Builds the transformers model (`torch_model_from_gguf`), then answers one JSON request per stdin line."""
 
     def reply(obj):
         sys.stdout.write(RESULT_PREFIX + json.dumps(obj) + "\n")
@@ -148,26 +178,17 @@ def torch_worker() -> None:
     try:
         import torch
         import transformers
-        from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+        from transformers import LogitsProcessor, LogitsProcessorList
     except Exception as e:  # noqa: BLE001
         reply({"ready": False, "reason": f"torch/transformers not importable: {type(e).__name__}: {e}"})
         return
     try:
         torch.set_num_threads(2)
-        from models.gguf import default_gguf_path
-
-        path = default_gguf_path()
         t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-            except TypeError:
-                model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
-        model.eval()
+        model = torch_model_from_gguf(torch, transformers)
         load_s = time.perf_counter() - t0
     except Exception as e:  # noqa: BLE001
-        reply({"ready": False, "reason": f"transformers could not load the GGUF: {type(e).__name__}: {e}"})
+        reply({"ready": False, "reason": f"could not build the transformers model: {type(e).__name__}: {e}"})
         return
     reply({
         "ready": True,
@@ -341,7 +362,7 @@ class CompileWatch:
 class JaxShapeBench:
     """One (batch, prompt) shape for every JAX variant: compile, warm up, then timed rounds."""
 
-    def __init__(self, variants, cfg, b, t, steps, seed, watch: CompileWatch):
+    def __init__(self, variants, cfg, b, t, steps, seed, watch: CompileWatch, probe: BandwidthProbe):
         import jax
         import jax.numpy as jnp
 
@@ -349,7 +370,7 @@ class JaxShapeBench:
         from deltamem_jax.state import MemoryState
         from models.decoder import KVCache
 
-        self.jax, self.jnp, self.watch = jax, jnp, watch
+        self.jax, self.jnp, self.watch, self.probe = jax, jnp, watch, probe
         self.variants, self.cfg, self.b, self.t, self.steps = variants, cfg, b, t, steps
         ids = prompt_ids(seed, b, t, cfg.vocab_size)
         self.tokens, self.positions, self.valid = left_pad(ids.tolist(), t)
@@ -361,7 +382,8 @@ class JaxShapeBench:
         }
         self.state0 = {}
         self.rec = {
-            n: {"prefill_runs_s": [], "decode_runs_s": [], "discarded_runs_with_compilation": 0, "cache_len": self.cache_len}
+            n: {"prefill_runs_s": [], "decode_runs_s": [], "bandwidth_runs_bytes_per_s": [],
+                "discarded_runs_with_compilation": 0, "cache_len": self.cache_len}
             for n in variants
         }
         jax.block_until_ready((self.tokens, self.positions, self.valid, self.cache, self.memory))
@@ -461,6 +483,12 @@ class JaxShapeBench:
         dt, _, _ = self._timed(lambda: prefill(tiny, self.tokens, self.positions, self.valid, cache, None))
         return dt
 
+    def warm_prefill(self, name):
+        """One untimed prefill: the first prefill of a shape touches its activations' memory
+        for the first time (page faults), which made it 1.1–1.6 s slower at b=8 T=512 in
+        three runs; with one timed run per variant, the first variant would pay that alone."""
+        self._prefill(name)
+
     def _clean(self, name, what, call):
         """A timed call that did not compile anything (retried once, then recorded as is)."""
         for _ in range(2):
@@ -483,6 +511,7 @@ class JaxShapeBench:
             dt, _, compiled = self._decode(name)
             self.rec[name]["decode_first_call_s"] = dt
             self.rec[name]["decode_compile_s"] = compiled
+        self.rec[name]["bandwidth_runs_bytes_per_s"].append(self.probe()["bytes_per_s"])
         dt, _ = self._clean(name, "decode", lambda: self._decode(name))
         self.rec[name]["decode_runs_s"].append(dt)
 
@@ -499,24 +528,34 @@ class JaxShapeBench:
         return self.rec
 
 
-def measure_bandwidth(repeats: int = 30) -> dict:
+class BandwidthProbe:
     """Bytes/s a plain jitted `x @ W` streams here: W float32 [576, 49152] (the SmolLM2 LM
-    head, 113 MB, far larger than the caches), x [1, 576]; best of `repeats` calls."""
-    import jax
-    import jax.numpy as jnp
+    head, 113 MB, far larger than the caches), x [1, 576]; best of `repeats` calls.
 
-    w = jax.random.normal(jax.random.key(0), (576, 49152), jnp.float32)
-    x = jnp.ones((1, 576), jnp.float32)
-    f = jax.jit(lambda x, w: x @ w)
-    jax.block_until_ready(f(x, w))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(x, w))
-        times.append(time.perf_counter() - t0)
-    best = min(times)
-    return {"bytes_per_s": w.nbytes / best, "matvec_s": best, "weight_bytes": w.nbytes,
-            "method": "jitted x @ W, W float32 [576, 49152], x [1, 576], best of %d" % repeats}
+    The bandwidth this machine gives a process swings between moments (29–46 GB/s in six
+    probes a few seconds apart on the AMD EPYC), so each timed decode round is paired with
+    a probe taken just before it, and a decode's fraction of the roofline is the median
+    over its rounds of decode bytes/s ÷ that round's probe."""
+
+    def __init__(self):
+        import jax
+        import jax.numpy as jnp
+
+        self.jax = jax
+        self.w = jax.random.normal(jax.random.key(0), (576, 49152), jnp.float32)
+        self.x = jnp.ones((1, 576), jnp.float32)
+        self.f = jax.jit(lambda x, w: x @ w)
+        jax.block_until_ready(self.f(self.x, self.w))
+
+    def __call__(self, repeats: int = 10) -> dict:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self.jax.block_until_ready(self.f(self.x, self.w))
+            times.append(time.perf_counter() - t0)
+        best = min(times)
+        return {"bytes_per_s": self.w.nbytes / best, "matvec_s": best, "weight_bytes": self.w.nbytes,
+                "method": "jitted x @ W, W float32 [576, 49152], x [1, 576], best of %d" % repeats}
 
 
 # ------------------------------------------------------------------------ report
@@ -526,12 +565,15 @@ def fmt(x, spec=".2f"):
     return "—" if x is None else format(x, spec)
 
 
-def roofline_fraction(rec, bandwidth) -> float:
-    """Achieved bytes/s of a decode (steps/s × bytes per step) ÷ the measured bandwidth."""
-    return rec["decode_steps"] / rec["decode_s"] * rec["decode_bytes_per_step"] / bandwidth["bytes_per_s"]
+def roofline_fraction(rec) -> float:
+    """Achieved bytes/s of a decode (steps/s × bytes per step) ÷ the bandwidth probed just
+    before the same round; the median over the rounds."""
+    per_round = [rec["decode_steps"] / s * rec["decode_bytes_per_step"] / bw
+                 for s, bw in zip(rec["decode_runs_s"], rec["bandwidth_runs_bytes_per_s"], strict=True)]
+    return statistics.median(per_round)
 
 
-def compute_ratios(res, grid, bandwidth):
+def compute_ratios(res, grid):
     ratios = {"decode_deltamem_vs_plain": {}, "prefill_deltamem_vs_plain": {}, "decode_ours_vs_torch": {},
               "decode_deltamem_vs_plain_median_of_rounds": {}, "prefill_ours_vs_torch": {},
               "decode_fraction_of_roofline": {}}
@@ -539,7 +581,7 @@ def compute_ratios(res, grid, bandwidth):
         k = shape_key(b, t)
         plain = res["jax"]["plain"][k]
         for v in ("plain", "tsw", "msw"):
-            ratios["decode_fraction_of_roofline"][f"{v}/{k}"] = roofline_fraction(res["jax"][v][k], bandwidth)
+            ratios["decode_fraction_of_roofline"][f"{v}/{k}"] = roofline_fraction(res["jax"][v][k])
         for v in ("tsw", "msw"):
             r = res["jax"][v][k]
             ratios["decode_deltamem_vs_plain"][f"{v}/{k}"] = r["decode_tok_s"] / plain["decode_tok_s"]
@@ -733,10 +775,11 @@ def main() -> int:
         grid = [(1, 512), (8, 512), (1, 2048)]
         torch_grid = {(1, 512), (8, 512), (1, 2048)}
         steps, repeats, torch_repeats = args.steps or 16, args.repeats or 5, 2
-        # two timed prefills per variant for the long ones (b=8 T=512, b=1 T=2048): the δ-mem ÷
-        # plain prefill key compares single runs otherwise, and this machine's noise is ±10%;
-        # torch's generate runs twice too, so neither side of ours ÷ torch has more tries
-        prefill_repeats = {(1, 512): 3, (8, 512): 2, (1, 2048): 2}
+        # two timed prefills per variant at b=1 T=2048 (the prompt length of the ours ÷ torch
+        # prefill target; torch's generate runs twice too, so neither side has more tries);
+        # one at b=8 T=512 (6–8 s each), which the 5-minute limit cannot afford twice on a
+        # slow day, after an untimed one (`warm_prefill`)
+        prefill_repeats = {(1, 512): 3, (8, 512): 1, (1, 2048): 2}
     else:
         grid = [(1, 512), (8, 512), (1, 2048), (8, 2048)]
         torch_grid = set(grid)
@@ -747,7 +790,7 @@ def main() -> int:
 
     torch_client = None
     if not args.no_torch:
-        torch_client = TorchClient()  # loads the GGUF into transformers while JAX loads it too
+        torch_client = TorchClient()  # builds its model while JAX loads the GGUF too
 
     import jax
 
@@ -771,7 +814,7 @@ def main() -> int:
         if torch_client.wait_ready():
             info["torch"] = {k: torch_client.info[k] for k in ("torch", "transformers", "threads", "attn_implementation")}
             print(f"torch {torch_client.info['torch']} / transformers {torch_client.info['transformers']} "
-                  f"loaded the GGUF in {torch_client.info['load_s']:.1f}s", flush=True)
+                  f"built its model from the GGUF in {torch_client.info['load_s']:.1f}s", flush=True)
         else:
             torch_reason = torch_client.reason
     if torch_reason:
@@ -779,8 +822,10 @@ def main() -> int:
 
     names = list(variants)
     watch = CompileWatch()
-    bandwidth = measure_bandwidth()
-    print(f"bandwidth of a plain x @ W here: {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s ({bandwidth['method']})", flush=True)
+    probe = BandwidthProbe()
+    bandwidth = probe(30)
+    print(f"bandwidth of a plain x @ W here: {bandwidth['bytes_per_s'] / 1e9:.1f} GB/s ({bandwidth['method']}; "
+          "probed again before every timed decode round)", flush=True)
     measured = []
 
     for b, t in grid:
@@ -788,12 +833,14 @@ def main() -> int:
         seed = 1000 * b + t
         measured.append((b, t))
         ts = time.perf_counter()
-        sb = JaxShapeBench(variants, cfg, b, t, steps, seed, watch)
+        sb = JaxShapeBench(variants, cfg, b, t, steps, seed, watch, probe)
         for n in names:
             sb.compile_prefill(n)
         load_before = loadavg()
         eager_warmup_s = sb.warm_eager()
         p_reps = min(prefill_repeats.get((b, t), repeats), repeats)
+        if p_reps == 1:
+            sb.warm_prefill(names[0])
         meter = CpuMeter([torch_client.proc.pid] if torch_client and torch_client.proc.poll() is None else [])
         for r in range(repeats):
             for n in names[r % len(names):] + names[: r % len(names)]:
@@ -831,14 +878,17 @@ def main() -> int:
             res["torch"][k] = {"ok": False, "reason": torch_reason}
     if torch_client is not None:
         torch_client.close()
-    # measured again once the torch worker is gone: the roofline divides by the better of the
-    # two, so one disturbed measurement cannot inflate every "% of roofline"
-    again = measure_bandwidth()
-    print(f"bandwidth of a plain x @ W at the end: {again['bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
-    bandwidth = max(bandwidth, again, key=lambda m: m["bytes_per_s"]) | {
-        "runs_bytes_per_s": [bandwidth["bytes_per_s"], again["bytes_per_s"]], "when": "best of the start and the end of the run"}
+    again = probe(30)
+    rounds = [bw for per_v in res["jax"].values() for rec in per_v.values() for bw in rec["bandwidth_runs_bytes_per_s"]]
+    print(f"bandwidth of a plain x @ W at the end: {again['bytes_per_s'] / 1e9:.1f} GB/s; over the decode rounds' "
+          f"probes {min(rounds) / 1e9:.1f}–{max(rounds) / 1e9:.1f} GB/s", flush=True)
+    bandwidth |= {"start_bytes_per_s": bandwidth["bytes_per_s"], "end_bytes_per_s": again["bytes_per_s"],
+                  "rounds_min_bytes_per_s": min(rounds), "rounds_max_bytes_per_s": max(rounds),
+                  "roofline": "per decode round, a probe (best of 10 calls) just before it; fraction = median over "
+                              "rounds of decode bytes/s ÷ that probe"}
+    del bandwidth["bytes_per_s"]
 
-    ratios, worst, where = compute_ratios(res, measured, bandwidth)
+    ratios, worst, where = compute_ratios(res, measured)
     elapsed = time.perf_counter() - t_start
     info["loadavg_end"] = loadavg()
     print_report(res, measured, ratios, worst, where)
