@@ -76,6 +76,8 @@ def cmd_generate(args) -> int:
     def progress(done: int, total: int) -> None:  # the padded total includes left padding
         bar.n = max(0, min(longest, done - (total - longest)))
         bar.refresh()
+        if done >= total:  # its time and rate are the prefill's, not the decode's after it
+            bar.close()
 
     replies, _ = generate(model, prompts, args.max_new_tokens, stop_ids=tok.eos_ids, sampling=_sampling(args),
                           seed=args.seed, progress=progress if bar else None)  # fmt: skip

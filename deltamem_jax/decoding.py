@@ -149,7 +149,7 @@ def prefill(
     Prompts longer than `segment` go in segments against the cache; token writes then
     equal one unsegmented write (the recurrence is sequential). Message writes (SSW)
     need the whole message in one call, so they are not segmented. `progress(done,
-    total)` is called after each segment.
+    total)` is called once each segment is computed.
     """
     t = tokens.shape[1]
     if cache.max_len - int(cache.end) < t:
@@ -166,6 +166,7 @@ def prefill(
             attend_cache=int(cache.end) > 0, last_only=True,
         )  # fmt: skip
         if progress is not None:
+            jax.block_until_ready((logits, cache, memory))  # the segment computed, not merely dispatched
             progress(min(start + step, t), t)
     # each row's next position follows its last real token (rows may be all padding)
     next_pos = jnp.max(jnp.where(valid, positions + 1, 0), axis=1).astype(jnp.int32)
