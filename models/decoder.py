@@ -267,27 +267,24 @@ def _step_attention(qg: Array, k: Array, v: Array, valid: Array, cache) -> Array
     transposed each layer's keys every step), and the vector-matrix products ran faster
     than the group's `[g, h] @ [h, s]` matmuls although each reads the cache once per query
     head (30 layers on the AMD EPYC: 17.30 against 15.18 ms at b=8 over 528 slots, 11.25
-    against 8.69 at b=1 over 2,064, `scripts/ab_cache_layout.py`). The query heads of a
-    group go through a `lax.map`, one loop body in the program rather than g copies: a
-    decode compiles 16–30% faster and steps as fast (`docs/runs/scratch_s20/ab_group_loop.py`)."""
+    against 8.69 at b=1 over 2,064, `scripts/ab_cache_layout.py`)."""
     b, _, kvh, g, h = qg.shape
     if cache is None:  # the token attends to itself alone
         return jnp.broadcast_to(v[:, :, :, None, :], qg.shape).astype(qg.dtype)
     q = qg[:, 0]  # [b,k,g,h]
     ck, cv, cvalid, prefix = cache
     own_k, own_v = k[:, 0].astype(jnp.float32), v[:, 0].astype(jnp.float32)  # [b,k,h]
-
-    def one_head(qi):  # a query head of each group [b,k,h] -> m, l [b,k], o [b,k,h]
+    heads = []  # per query head of a group: m, l [b,k], o [b,k,h]
+    for i in range(g):
+        qi = q[:, :, i]  # [b,k,h]
         own = jnp.where(valid, jnp.sum(qi.astype(jnp.float32) * own_k, axis=-1), _MASKED)  # [b,k]
         cs = jnp.einsum("bkh,bkhs->bks", qi, ck, preferred_element_type=jnp.float32)
         cs = jnp.where(cvalid[:, None, :], cs, _MASKED)
         m = jnp.maximum(jnp.max(cs, axis=-1), own)
         e, e_own = jnp.exp(cs - m[..., None]), jnp.exp(own - m)
         o = jnp.einsum("bks,bksh->bkh", e.astype(cv.dtype), cv, preferred_element_type=jnp.float32) + e_own[..., None] * own_v
-        return m, jnp.sum(e, axis=-1) + e_own, o
-
-    heads = jax.lax.map(one_head, jnp.moveaxis(q, 2, 0))  # m, l [g,b,k], o [g,b,k,h]
-    parts = [tuple(jnp.moveaxis(x, 0, 2) for x in heads)]  # m, l [b,k,g], o [b,k,g,h]
+        heads.append((m, jnp.sum(e, axis=-1) + e_own, o))
+    parts = [tuple(jnp.stack(x, axis=2) for x in zip(*heads))]  # m, l [b,k,g], o [b,k,g,h]
     if prefix is not None:  # one copy for every row: no batch axis on its keys
         m, l, o = _prefix_part(q.transpose(1, 0, 2, 3).reshape(kvh, b * g, h), prefix)
         parts.append((m.reshape(kvh, b, g).transpose(1, 0, 2), l.reshape(kvh, b, g).transpose(1, 0, 2),
