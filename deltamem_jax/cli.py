@@ -15,14 +15,32 @@ def _sampling(args) -> Sampling:
     return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
 
-def load_backbone(model: str | None = None, dtype: str = "float32", attention: str = "auto"):
+def _is_gguf(model: str | None) -> bool:
+    return model is None or str(model).endswith(".gguf")
+
+
+def load_metadata(model: str | None = None):
+    """(config, tokenizer, GGUF checkpoint or None) of a HF folder or a GGUF file, without its
+    weights: enough to refuse a prompt that does not fit before the weights are read. Pass
+    the checkpoint on to `load_backbone`, so a GGUF's metadata is parsed once."""
+    from models.config import ModelConfig
+    from models.gguf import read_gguf
+    from models.tokenizer import Tokenizer
+
+    if _is_gguf(model):
+        checkpoint = read_gguf(model, load_tensors=False)
+        return ModelConfig.from_hf(checkpoint.config), Tokenizer.from_gguf(checkpoint), checkpoint
+    return ModelConfig.load(model), Tokenizer.from_pretrained(model), None
+
+
+def load_backbone(model: str | None = None, dtype: str = "float32", attention: str = "auto", checkpoint=None):
     """(model, tokenizer) from a HF folder or a GGUF file (default: embedded SmolLM2);
-    `attention` as `ModelConfig.attention`."""
+    `attention` as `ModelConfig.attention`; `checkpoint` a GGUF's, from `load_metadata`."""
     from models.loading import load_gguf, load_pretrained
     from models.tokenizer import Tokenizer
 
-    if model is None or str(model).endswith(".gguf"):
-        backbone, _, tok = load_gguf(model, dtype=dtype, attention=attention)
+    if _is_gguf(model):
+        backbone, _, tok = load_gguf(model, dtype=dtype, attention=attention, checkpoint=checkpoint)
     else:
         backbone, _ = load_pretrained(model, dtype=dtype, attention=attention)
         tok = Tokenizer.from_pretrained(model)
@@ -58,7 +76,11 @@ def cmd_generate(args) -> int:
     from models.sharding import shard_model
 
     distributed.initialize(args)
-    model, tok = load_backbone(args.model)
+    cfg, tok, checkpoint = load_metadata(args.model)
+    prompts = [tok.encode_chat([{"role": "user", "content": p}]) if args.chat else tok.encode(p) for p in args.prompt]
+    longest = max(len(p) for p in prompts)
+    check_context(cfg, longest, args.max_new_tokens)  # before the weights are read
+    model, tok = load_backbone(args.model, checkpoint=checkpoint)
     note = _attach(model, args)
     mesh = distributed.mesh(args)
     if mesh is not None:  # every process runs the same generation; process 0 prints it
@@ -67,9 +89,6 @@ def cmd_generate(args) -> int:
     main = distributed.is_main()
     if main:
         print(f"[{note}]", file=sys.stderr)
-    prompts = [tok.encode_chat([{"role": "user", "content": p}]) if args.chat else tok.encode(p) for p in args.prompt]
-    longest = max(len(p) for p in prompts)
-    check_context(model.cfg, longest, args.max_new_tokens)  # before any compilation
     t0 = time.perf_counter()
     bar = tqdm(total=longest, desc="prefill", unit="tok", file=sys.stderr) if longest > PROGRESS_FROM and main else None
 

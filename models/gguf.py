@@ -94,6 +94,8 @@ class GGUFCheckpoint:
       chat_template: the Jinja chat template, if the file has one.
       special_tokens: bos/eos/pad/unk ids and the add-bos/add-eos flags.
       metadata: the file's scalar (non-array) metadata, for reference.
+      reader: the open (memory-mapped) file when read with ``load_tensors=False``, so that
+        :meth:`with_tensors` need not parse its metadata again; None otherwise.
     """
 
     path: pathlib.Path
@@ -103,6 +105,14 @@ class GGUFCheckpoint:
     chat_template: str | None
     special_tokens: SpecialTokens
     metadata: dict[str, Any]
+    reader: gguf.GGUFReader | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def with_tensors(self) -> GGUFCheckpoint:
+        """This checkpoint with its weights (read now if it was read without them)."""
+        if self.tensors:
+            return self
+        reader = self.reader or gguf.GGUFReader(self.path)
+        return dataclasses.replace(self, tensors=_load_tensors(reader, self.config), reader=None)
 
 
 def default_gguf_path() -> pathlib.Path:
@@ -205,6 +215,7 @@ def read_gguf(path: str | pathlib.Path | None = None, *, load_tensors: bool = Tr
         chat_template=_field(reader, "tokenizer.chat_template", None),
         special_tokens=special,
         metadata=metadata,
+        reader=None if load_tensors else reader,
     )
 
 

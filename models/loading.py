@@ -171,14 +171,16 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
 __all__ = ["build_decoder", "load_pretrained", "read_safetensors", "weight_table"]
 
 
-def load_gguf(path: str | Path | None = None, dtype: str = "float32", attention: str = "auto"):
+def load_gguf(path: str | Path | None = None, dtype: str = "float32", attention: str = "auto", checkpoint=None):
     """A llama GGUF file (default: the embedded SmolLM2-135M-Instruct) → (Decoder, config, Tokenizer).
 
     Quantized tensors are dequantized to `dtype`; no torch needed. `attention` as `ModelConfig.attention`.
+    `checkpoint`: the file already read by `models.gguf.read_gguf` (with or without its
+    tensors, say for its tokenizer first), used instead of reading `path` again.
     """
     from models.gguf import read_gguf
     from models.tokenizer import Tokenizer
 
-    checkpoint = read_gguf(path)
+    checkpoint = (read_gguf(path) if checkpoint is None else checkpoint).with_tensors()
     cfg = ModelConfig.from_hf(checkpoint.config, dtype=dtype, attention=attention)
     return build_decoder(cfg, checkpoint.tensors), cfg, Tokenizer.from_gguf(checkpoint)

