@@ -161,7 +161,8 @@ def torch_model_from_gguf(torch, transformers):
     config = transformers.AutoConfig.for_model(**ck.config)
     with no_init_weights():
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    weights = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in ck.tensors.items()}
+    # writable copies: some arrays are views of the read-only file, which torch warns about
+    weights = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in ck.tensors.items()}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or set(missing) - ({"lm_head.weight"} if config.tie_word_embeddings else set()):
         raise ValueError(f"GGUF weights do not fit {type(model).__name__}: missing {missing}, unexpected {unexpected}")
