@@ -10,10 +10,12 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from models.config import ATTENTION
+
     p.add_argument("--out", required=True, help="run folder (checkpoints, metrics, plot, adapter); rerun to resume")
     p.add_argument("--model", help="HF checkpoint folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="backbone dtype (float32 on CPU: XLA CPU bf16 matmuls are ~8x slower)")
-    p.add_argument("--attention", default="auto", choices=["auto", "blockwise", "cudnn"],
+    p.add_argument("--attention", default="auto", choices=ATTENTION,
                    help="prompt attention: auto = cuDNN's fused kernel on a GPU with --dtype bfloat16, else blockwise")
     p.add_argument("--protocol", default="session", choices=["session", "official"])
     p.add_argument("--steps", type=int, default=2000, help="optimizer updates")
